@@ -1,0 +1,118 @@
+"""Training-step and inference time of RetinaNet-CEDNet-NeXt-T vs RetinaNet-ConvNeXt-T+FPN on CPU.
+
+Both detectors use the same RetinaNet (head, anchors, losses) and differ only in the backbone: CEDNet-T's
+neck-free P3-P7 pyramid vs ConvNeXt-T + FPN (P6/P7 from C5). A training step is forward + losses + backward +
+AdamW step on ``--batch`` images of ``--size`` x ``--size`` with a few boxes each; inference is the eval forward
+(with postprocessing). The two models are run interleaved (A, B, A, B, ...) after a warm-up step each, so
+machine-load changes hit both; the median of ``--rounds`` and the ratio come from one run.
+
+    python scripts/bench_detection.py [--size 512] [--batch 2] [--rounds 5] [--threads 2] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cednet_pl.lit.detection import build_backbone
+from cednet_pl.models.detection import build_retinanet
+
+MODELS = {
+    "retinanet_cednet_next_tiny": {"kind": "cednet", "model_name": "cednet_next_tiny", "drop_path_rate": 0.2},
+    "retinanet_convnext_tiny_fpn": {"kind": "timm_fpn", "model_name": "convnext_tiny", "drop_path_rate": 0.4},
+}
+
+
+def make_batch(
+    size: int, batch: int, seed: int = 0
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(6, 2, generator=g) * size * 0.7
+        wh = 16 + torch.rand(6, 2, generator=g) * size * 0.3
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(80, (6,), generator=g)})
+    return images, targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    nets, opts = {}, {}
+    for name, cfg in MODELS.items():
+        net = build_retinanet(
+            build_backbone(**cfg), 80, min_size=args.size, max_size=args.size, size_divisible=128
+        )
+        nets[name] = net
+        opts[name] = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    images, targets = make_batch(args.size, args.batch)
+
+    def train_step(name: str) -> float:
+        net, opt = nets[name].train(), opts[name]
+        t0 = time.perf_counter()
+        losses = net(images, targets)
+        opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def infer(name: str) -> float:
+        net = nets[name].eval()
+        t0 = time.perf_counter()
+        net(images)
+        return time.perf_counter() - t0
+
+    train_t: dict[str, list[float]] = {n: [] for n in nets}
+    infer_t: dict[str, list[float]] = {n: [] for n in nets}
+    for name in nets:  # warm-up
+        train_step(name)
+        infer(name)
+    for r in range(args.rounds):
+        order = list(nets) if r % 2 == 0 else list(reversed(nets))
+        for name in order:
+            train_t[name].append(train_step(name))
+            infer_t[name].append(infer(name))
+
+    a, b = list(nets)
+    report = {
+        "size": args.size,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "params_M": {n: round(sum(p.numel() for p in net.parameters()) / 1e6, 2) for n, net in nets.items()},
+        "train_step_s_median": {n: round(statistics.median(v), 3) for n, v in train_t.items()},
+        "infer_s_median": {n: round(statistics.median(v), 3) for n, v in infer_t.items()},
+    }
+    report["train_ratio_cednet_over_convnext"] = round(
+        statistics.median(train_t[a]) / statistics.median(train_t[b]), 3
+    )
+    report["train_ratio_per_round"] = [round(x / y, 3) for x, y in zip(train_t[a], train_t[b], strict=True)]
+    report["infer_ratio_cednet_over_convnext"] = round(
+        statistics.median(infer_t[a]) / statistics.median(infer_t[b]), 3
+    )
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

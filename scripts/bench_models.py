@@ -1,0 +1,288 @@
+"""Training-step benchmark: CEDNet-NeXt-T against timm's ConvNeXt-T, in one process, interleaved.
+
+One step = forward + cross-entropy loss + backward + AdamW step, train mode, on a fixed random batch
+(default 8 x 3 x 224 x 224). Models alternate within every repetition (A, B, A, B, ...), so drifts in
+machine load hit both alike. Reports the median step time, images/s, the step-time ratio against the
+baseline and peak memory, and optionally the top ops of one profiled step (``--profile``).
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` over a step (reset before it). On CPU the
+process RSS is sampled every millisecond from ``/proc/self/statm`` by a background thread during each
+timed step; the table shows the peak RSS during the model's steps and that peak minus the RSS just
+before the step. Both models live in the same process and the allocator keeps freed pages, so the
+CPU numbers are an upper/lower bracket, not an exact per-model footprint.
+
+Examples::
+
+    python scripts/bench_models.py                       # CPU (or CUDA if present), 5 reps each
+    python scripts/bench_models.py --device cpu --reps 3 --profile
+    python scripts/bench_models.py --device cuda --amp bf16 --compile --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import cednet_pl  # noqa: F401  (registers the CEDNet variants with timm)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc``; else the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class _RssSampler:
+    """Samples RSS in a background thread while active; ``peak`` is the largest sample."""
+
+    def __init__(self, interval_s: float = 1e-3) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> _RssSampler:
+        self.peak = _rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+@dataclass
+class Runner:
+    """One model with its optimizer and per-step measurements."""
+
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    times: list[float] = field(default_factory=list)
+    peak_mem: int = 0
+    peak_mem_delta: int = 0
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(
+    runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str
+) -> torch.Tensor:
+    """Forward, cross-entropy, backward, optimizer step; returns the (detached) loss."""
+    runner.optimizer.zero_grad(set_to_none=True)
+    with _autocast(device, amp):
+        loss = F.cross_entropy(runner.model(x), y)
+    loss.backward()
+    runner.optimizer.step()
+    return loss.detach()
+
+
+def timed_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str) -> None:
+    """Run one step, record its wall time and peak memory."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(runner, x, y, device, amp)
+        _sync(device)
+        runner.times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device)
+        runner.peak_mem = max(runner.peak_mem, peak)
+        runner.peak_mem_delta = max(runner.peak_mem_delta, peak - base)
+        return
+    base = _rss_bytes()
+    with _RssSampler() as sampler:
+        t0 = time.perf_counter()
+        train_step(runner, x, y, device, amp)
+        runner.times.append(time.perf_counter() - t0)
+    runner.peak_mem = max(runner.peak_mem, sampler.peak)
+    runner.peak_mem_delta = max(runner.peak_mem_delta, sampler.peak - base)
+
+
+def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> Runner:
+    """Create model (random init) + AdamW on ``device``."""
+    model = timm.create_model(
+        name, pretrained=False, num_classes=args.num_classes, drop_path_rate=args.drop_path
+    )
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    if args.compile:
+        model = torch.compile(model)
+    return Runner(name, model, optimizer)
+
+
+def profile_step(
+    runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device, args: argparse.Namespace
+) -> str:
+    """Profile one training step and return the key_averages table (top ``--profile-rows`` ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        sort_by = "self_cuda_time_total"
+    with profile(activities=activities, record_shapes=args.profile_shapes) as prof:
+        train_step(runner, x, y, device, args.amp)
+        _sync(device)
+    averages = prof.key_averages(group_by_input_shape=args.profile_shapes)
+    return averages.table(sort_by=sort_by, row_limit=args.profile_rows)
+
+
+def _fmt_mem(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _load() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+        return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+    except OSError:
+        return "n/a"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--models", nargs="+", default=["cednet_next_tiny", "convnext_tiny"], help="timm model names"
+    )
+    p.add_argument(
+        "--baseline", default=None, help="model the ratio is taken against (default: the last one)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--drop-path", type=float, default=0.1, help="drop_path_rate of every model (default 0.1)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="print the top ops of one step of the first model")
+    p.add_argument("--profile-model", default=None, help="model to profile (default: the first one)")
+    p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--profile-shapes", action="store_true", help="group the profile by input shape")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if args.amp is None:
+        args.amp = "bf16" if args.device == "cuda" else "none"
+    if args.reps < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error("--reps must be >= 1, --warmup >= 0, --batch-size >= 1")
+    args.baseline = args.baseline or args.models[-1]
+    if args.baseline not in args.models:
+        p.error(f"--baseline {args.baseline!r} is not one of --models {args.models}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; returns the median step time (s) per model."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"torch {torch.__version__}, timm {timm.__version__}, device {device} ({dev_name}), "
+        f"threads {torch.get_num_threads()}, cpus {os.cpu_count()}, loadavg before {_load()}"
+    )
+    print(
+        f"batch {args.batch_size} x 3 x {args.img_size}^2, channels_last={args.channels_last}, amp={args.amp}, "
+        f"compile={args.compile}, drop_path={args.drop_path}, warmup {args.warmup}, reps {args.reps} (interleaved)"
+    )
+
+    runners = [build_runner(name, args, device) for name in args.models]
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).to(
+        memory_format=memory_format
+    )
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+
+    for _ in range(args.warmup):
+        for r in runners:
+            train_step(r, x, y, device, args.amp)
+    _sync(device)
+    for _ in range(args.reps):
+        for r in runners:
+            timed_step(r, x, y, device, args.amp)
+
+    medians = {r.name: statistics.median(r.times) for r in runners}
+    base = medians[args.baseline]
+    mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "RSS sampled 1 ms"
+    print()
+    print(
+        f"| model | median step (s) | min step (s) | images/s | ratio vs {args.baseline} | peak mem ({mem_kind}) | peak - before step |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in runners:
+        med = medians[r.name]
+        print(
+            f"| {r.name} | {med:.3f} | {min(r.times):.3f} | {args.batch_size / med:.1f} | {med / base:.2f}x | "
+            f"{_fmt_mem(r.peak_mem)} | {_fmt_mem(r.peak_mem_delta)} |"
+        )
+    print(
+        f"\nloadavg after {_load()}; step times per model: "
+        + "; ".join(f"{r.name}: " + ", ".join(f"{t:.3f}" for t in r.times) for r in runners)
+    )
+
+    if args.profile:
+        name = args.profile_model or args.models[0]
+        runner = next((r for r in runners if r.name == name), None)
+        if runner is None:
+            raise SystemExit(f"--profile-model {name!r} is not one of --models {args.models}")
+        print(f"\nprofile of one training step of {name} (sorted by self time):")
+        print(profile_step(runner, x, y, device, args))
+    return medians
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Stop the one-node Slurm cluster started by scripts/slurm/start_cluster.sh, by the daemons' pid files
+# (never by process name). Waits up to 15 s for each daemon to exit.
+#
+# Usage: scripts/slurm/stop_cluster.sh [--purge]
+#   --purge   also wipe /var/spool/slurmctld and /var/spool/slurmd (forget jobs; job ids restart at 1)
+set -uo pipefail
+
+PURGE=0
+for arg in "$@"; do
+  case "$arg" in
+    --purge) PURGE=1 ;;
+    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "stop_cluster.sh: unknown argument '$arg' (expected --purge)" >&2; exit 1 ;;
+  esac
+done
+
+# A process counts as gone once it no longer exists or is a zombie (PID 1 may reap exited daemons late).
+running() { [ -d "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }
+
+rc=0
+for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+  [ -s "$f" ] || continue
+  pid=$(cat "$f")
+  if running "$pid"; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+      running "$pid" || break
+      sleep 0.5
+    done
+    if running "$pid"; then
+      echo "stop_cluster.sh: pid $pid (from $f) still running after 15 s" >&2
+      rc=1
+      continue
+    fi
+    echo "stopped $(basename "$f" .pid) (pid $pid)"
+  fi
+  rm -f "$f"
+done
+if [ "$PURGE" -eq 1 ]; then
+  rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
+fi
+exit $rc

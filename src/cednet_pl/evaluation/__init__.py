@@ -1,0 +1,17 @@
+"""Evaluation helpers (COCO box AP via pycocotools or faster-coco-eval)."""
+
+from cednet_pl.evaluation.coco_eval import (
+    COCO_STAT_NAMES,
+    detections_to_coco_results,
+    evaluate_coco,
+    load_coco_json,
+    write_results_json,
+)
+
+__all__ = [
+    "COCO_STAT_NAMES",
+    "detections_to_coco_results",
+    "evaluate_coco",
+    "load_coco_json",
+    "write_results_json",
+]

@@ -1,0 +1,5 @@
+"""LightningModules and optimisation helpers."""
+
+from cednet_pl.lit.classification import ClassificationModule
+
+__all__ = ["ClassificationModule"]

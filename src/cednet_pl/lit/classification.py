@@ -1,0 +1,323 @@
+"""LightningModule for image classification with deep supervision (CEDNet, arXiv 2302.06052).
+
+The network comes from `timm.create_model(name, **kwargs)`, so the module's hyperparameters (a plain config) fully
+describe a checkpoint. CEDNet models expose `forward_stage_logits` (one logits tensor per cascade stage); the loss
+is the (weighted) mean of the per-stage losses. Other timm models train through their plain `forward`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from cednet_pl.lit.optim import build_optimizer, build_scheduler, resolve_lr, top_lr
+from cednet_pl.utils.logging import RankedLogger
+
+log = RankedLogger(__name__)
+
+
+def _plain(value: Any) -> Any:
+    """Turn OmegaConf containers into plain python containers (hyperparameters must be plain)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:
+        pass
+    return value
+
+
+def build_net(name: str, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, **kwargs)` with a helpful error for unknown names.
+
+    Args:
+        name: A timm model name (CEDNet names are registered by `import cednet_pl`).
+        **kwargs: Passed to `timm.create_model` (num_classes, drop_path_rate, pretrained, ...).
+    """
+    import cednet_pl  # noqa: F401  (registers the CEDNet models with timm)
+
+    if not timm.is_model(name):
+        cednets = ", ".join(timm.list_models("cednet*")) or "(none registered)"
+        raise ValueError(
+            f"unknown model name {name!r}. CEDNet models: {cednets}. Any other timm model works too "
+            f"(timm.list_models('*{name.split('_')[0]}*') lists candidates)"
+        )
+    return timm.create_model(name, **kwargs)
+
+
+class ClassificationModule(L.LightningModule):
+    """Image classification: deep supervision, mixup/cutmix, label smoothing, layer decay, EMA, top-1/5 metrics.
+
+    Args:
+        net: Plain config of the network: `name` (timm model name) plus `timm.create_model` kwargs, e.g.
+            `{name: cednet_next_tiny, num_classes: 1000, drop_path_rate: 0.1}`.
+        deep_supervision: Train every cascade stage's head (needs `net.forward_stage_logits`); otherwise only the
+            last head.
+        stage_weights: Loss weight of each stage (length = number of stages); None = equal weights (the mean).
+        label_smoothing: Label smoothing (inside mixup's soft targets when mixup is on).
+        mixup: timm `Mixup` kwargs (mixup_alpha, cutmix_alpha, prob, switch_prob, mode, ...) or None for off.
+            The train batch size must be even (train loaders drop the last batch).
+        optimizer: `name`, `lr` (explicit) or `base_lr` + `base_batch_size` (linear scaling by the global batch
+            size = per-device batch * world size * accumulation), `weight_decay`, `layer_decay`, other timm
+            optimizer kwargs.
+        scheduler: `name` (cosine/constant), `warmup_epochs` or `warmup_steps`, `warmup_lr`, `min_lr`.
+        ema: `decay` plus optional `ModelEmaV3` kwargs (use_warmup, update_after_step, ...), or None for off.
+            The EMA copy is evaluated next to the raw weights (val/acc1_ema, val/acc5_ema).
+        channels_last: Use the channels-last memory format (faster convolutions on GPUs with tensor cores).
+    """
+
+    #: metric that checkpointing/early stopping watch unless the config says otherwise
+    monitor = "val/acc1"
+    monitor_mode = "max"
+    task = "classification"
+
+    def __init__(
+        self,
+        net: Mapping[str, Any],
+        deep_supervision: bool = True,
+        stage_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.1,
+        mixup: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net = dict(_plain(net))
+        stage_weights = _plain(stage_weights)
+        mixup = _plain(mixup)
+        optimizer = _plain(optimizer)
+        scheduler = _plain(scheduler)
+        ema = _plain(ema)
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "deep_supervision": deep_supervision,
+                "stage_weights": list(stage_weights) if stage_weights is not None else None,
+                "label_smoothing": label_smoothing,
+                "mixup": mixup,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "ema": ema,
+                "channels_last": channels_last,
+            },
+            logger=False,
+        )
+        if "name" not in net:
+            raise ValueError(f"`net` config needs a `name` (a timm model name), got keys {sorted(net)}")
+        net_kwargs = dict(net)
+        self.net = build_net(net_kwargs.pop("name"), **net_kwargs)
+        self.num_classes = int(self.net.num_classes)
+        has_stages = callable(getattr(self.net, "forward_stage_logits", None))
+        self.deep_supervision = bool(deep_supervision and has_stages)
+        self.num_stages = int(getattr(self.net, "num_stages", 1)) if has_stages else 1
+        self.stage_weights = self._check_stage_weights(stage_weights)
+
+        self.mixup_fn = (
+            Mixup(**{"label_smoothing": label_smoothing, **mixup, "num_classes": self.num_classes})
+            if mixup
+            else None
+        )
+        self.label_smoothing = float(label_smoothing)
+        self.train_criterion: nn.Module = (
+            SoftTargetCrossEntropy()
+            if self.mixup_fn is not None
+            else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        )
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+        self.ema: ModelEmaV3 | None = None
+        if ema:
+            ema_kwargs = dict(ema)
+            self.ema = ModelEmaV3(self.net, **ema_kwargs)
+            # NOTE: frozen, so DDP leaves the copy out of gradient reduction and the optimizer never sees it
+            self.ema.requires_grad_(False)
+            # NOTE: the copy only runs inside validation, where Lightning switches everything to eval mode
+            self.ema.train()
+        self._ema_step = -1
+
+        k5 = min(5, self.num_classes)
+        stage_ids = range(self.num_stages) if self.num_stages > 1 else ()
+        self.train_metrics = MetricCollection(self._acc_metrics(k5, stage_ids))
+        val = self._acc_metrics(k5, stage_ids)
+        if self.ema is not None:
+            val["acc1_ema"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+            val["acc5_ema"] = MulticlassAccuracy(self.num_classes, top_k=k5, average="micro")
+        self.val_metrics = MetricCollection(val)
+        self.test_metrics = self.val_metrics.clone()
+        self._tp_images = 0
+        self._tp_seconds = 0.0
+        self._tp_last: float | None = None
+
+    def _acc_metrics(self, k5: int, stage_ids: Sequence[int]) -> dict[str, MulticlassAccuracy]:
+        metrics = {
+            "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+            "acc5": MulticlassAccuracy(self.num_classes, top_k=k5, average="micro"),
+        }
+        for i in stage_ids:
+            metrics[f"acc1_stage{i}"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
+        return metrics
+
+    def _check_stage_weights(self, weights: Sequence[float] | None) -> list[float]:
+        if weights is None:
+            return [1.0] * self.num_stages
+        weights = [float(w) for w in weights]
+        if len(weights) != self.num_stages:
+            raise ValueError(
+                f"stage_weights has {len(weights)} entries but {self.hparams['net']['name']} has "
+                f"{self.num_stages} cascade stages"
+            )
+        if sum(weights) <= 0 or any(w < 0 for w in weights):
+            raise ValueError(f"stage_weights must be non-negative with a positive sum, got {weights}")
+        return weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every supervised stage (just the last head when not deep-supervised)."""
+        if self.deep_supervision:
+            return list(self.net.forward_stage_logits(x))
+        return [self.net(x)]
+
+    def _update_acc(self, metrics: MetricCollection, logits: list[torch.Tensor], y: torch.Tensor) -> None:
+        last = logits[-1].detach()
+        metrics["acc1"].update(last, y)
+        metrics["acc5"].update(last, y)
+        if len(logits) > 1:
+            for i, stage in enumerate(logits):
+                metrics[f"acc1_stage{i}"].update(stage.detach(), y)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = self._prepare(x)
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2 == 0:
+                x, target = self.mixup_fn(x, y)
+            else:
+                target = mixup_target(y, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
+        else:
+            target = y
+        logits = self.stage_logits(x)
+        losses = [self.train_criterion(out, target) for out in logits]
+        weights = self.stage_weights if len(logits) == len(self.stage_weights) else [1.0] * len(logits)
+        loss = sum(w * stage_loss for w, stage_loss in zip(weights, losses, strict=True)) / sum(weights)
+
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if len(losses) > 1:
+            for i, stage_loss in enumerate(losses):
+                self.log(f"train/loss_stage{i}", stage_loss.detach(), on_step=True, on_epoch=False)
+        self._update_acc(self.train_metrics, logits, y)
+        self.log_dict({f"train/{k}": m for k, m in self.train_metrics.items()}, on_step=False, on_epoch=True)
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log(
+                "train/lr", top_lr(self.trainer.optimizers[0]), on_step=True, on_epoch=False, prog_bar=True
+            )
+        return loss
+
+    def _eval_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metrics: MetricCollection
+    ) -> None:
+        x, y = batch
+        x = self._prepare(x)
+        logits = self.stage_logits(x)
+        loss = nn.functional.cross_entropy(logits[-1], y)
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self._update_acc(metrics, logits, y)
+        if self.ema is not None and "acc1_ema" in metrics:
+            ema_logits = self.ema.module(x)
+            metrics["acc1_ema"].update(ema_logits, y)
+            metrics["acc5_ema"].update(ema_logits, y)
+        self.log_dict(
+            {f"{split}/{k}": m for k, m in metrics.items()}, on_step=False, on_epoch=True, prog_bar=False
+        )
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self.net(self._prepare(x)).softmax(dim=-1)
+
+    # EMA and throughput bookkeeping
+    def on_train_start(self) -> None:
+        self.val_metrics.reset()
+
+    def on_train_epoch_start(self) -> None:
+        self._tp_images, self._tp_seconds, self._tp_last = 0, 0.0, None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.update(self.net, step=self.global_step)
+        now = time.perf_counter()
+        if self._tp_last is not None:
+            self._tp_images += int(batch[0].shape[0])
+            self._tp_seconds += now - self._tp_last
+        self._tp_last = now
+
+    def on_validation_start(self) -> None:
+        self._tp_last = None
+
+    def on_train_epoch_end(self) -> None:
+        if self._tp_seconds > 0:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            self.log(
+                "train/throughput", self._tp_images * world / self._tp_seconds, on_step=False, on_epoch=True
+            )
+
+    def _global_batch_size(self) -> int:
+        trainer = self.trainer
+        batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        if batch is None:
+            batch = getattr(trainer.train_dataloader, "batch_size", None) or 1
+        return int(batch) * trainer.world_size * int(trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = dict(self.hparams["optimizer"] or {"name": "adamw", "lr": 1e-3})
+        global_batch = self._global_batch_size()
+        lr = resolve_lr(
+            cfg.pop("lr", None), cfg.pop("base_lr", None), cfg.pop("base_batch_size", None), global_batch
+        )
+        optimizer = build_optimizer(self.net, lr=lr, **cfg)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = build_scheduler(
+            optimizer, total, total / epochs, **(self.hparams["scheduler"] or {"name": "constant"})
+        )
+        log.info(
+            f"lr {lr:.3g} (global batch {global_batch}), {len(optimizer.param_groups)} param groups, "
+            f"{total} optimizer steps"
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count
+        scheduler.step_update(num_updates=self.global_step)

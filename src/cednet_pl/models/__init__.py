@@ -1,0 +1,21 @@
+"""CEDNet models (framework-free: torch, timm, torchvision only).
+
+Importing this package registers the CEDNet variants with timm (``timm.create_model("cednet_next_tiny")``).
+"""
+
+from cednet_pl.models.blocks import FAMILIES, BlockFamily, LayerNorm2d, get_family, register_family
+from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn, load_checkpoint_file
+from cednet_pl.models.complexity import count_macs, count_params
+
+__all__ = [
+    "FAMILIES",
+    "BlockFamily",
+    "CEDNet",
+    "LayerNorm2d",
+    "checkpoint_filter_fn",
+    "count_macs",
+    "count_params",
+    "get_family",
+    "load_checkpoint_file",
+    "register_family",
+]

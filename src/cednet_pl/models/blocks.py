@@ -1,0 +1,258 @@
+"""CEDNet building blocks: the block-family interface, LayerNorm2d and the NeXt family.
+
+Family interface (stable; ``blocks_swin.py`` and ``blocks_resnet.py`` implement it)
+====================================================================================
+
+A *block family* tells the CEDNet core (:mod:`cednet_pl.models.cednet`) which blocks, norm and
+activation to use. It is a frozen :class:`BlockFamily` dataclass registered under a short name::
+
+    BlockFamily(
+        name="next",              # the `family=` argument of CEDNet ("next" | "swin" | "res")
+        base_block=make_base,     # BlockFactory: the plain block (P2 stage, encoder levels 0/1,
+                                  #   UNet/Hourglass decoder and lateral blocks)
+        focal_block=make_focal,   # BlockFactory: the dilated "focal" block (encoder level 2)
+        norm2d=make_norm2d,       # Callable[[int], nn.Module]: channel norm of an NCHW map
+                                  #   (LayerNorm2d for next/swin, nn.BatchNorm2d for res)
+        act=make_act,             # Callable[[], nn.Module]: nn.GELU for next/swin, nn.ReLU for res
+    )
+
+``BlockFactory`` is called with keyword arguments only::
+
+    block = factory(dim, drop_path=0.1, ls_init_value=1e-6, index=3)
+
+- ``dim``: channels in and out (blocks never change the shape).
+- ``drop_path``: stochastic-depth rate of this block (the core computes the model-wide linear ramp).
+- ``ls_init_value``: layer-scale init; families without layer scale (Swin, ResNet) ignore it.
+  ``None`` or ``0`` means "no layer scale" for families that have it.
+- ``index``: position of the block inside its run (a P2 stage, one encoder level, one decoder
+  level, or 0 for a lateral block); Swin uses it to shift the windows of odd blocks.
+
+A block's ``forward(x)`` takes and returns an NCHW tensor of the same shape (it may be stored
+channels_last; do not force ``.contiguous()``), for any spatial size >= 1 (Swin pads to a multiple
+of the window internally). It must not modify its input in place (grad checkpointing recomputes
+blocks). Its submodule names are the released checkpoint names (see ``reference/*.keys.tsv``), so
+released state_dicts load 1:1. The core initialises every ``nn.Conv2d``/``nn.Linear`` of the whole
+model (kaiming-normal, fan_out, linear gain, zero bias) *after* construction; a family initialises
+any other parameter it owns (e.g. a relative-position bias table) in its block constructor.
+
+Registering a family (at import time of its module)::
+
+    from cednet_pl.models.blocks import BlockFamily, register_family
+    register_family(BlockFamily("swin", base_block=..., focal_block=..., norm2d=..., act=...))
+
+:func:`get_family` imports ``cednet_pl.models.blocks_swin`` / ``blocks_resnet`` on first use of
+"swin" / "res", so the core never has to import them eagerly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+__all__ = [
+    "FAMILIES",
+    "BlockFactory",
+    "BlockFamily",
+    "FocalNeXtBlock",
+    "LayerNorm2d",
+    "NeXtBlock",
+    "get_family",
+    "register_family",
+]
+
+
+class BlockFactory(Protocol):
+    """Builds one block of a family (see the module docstring)."""
+
+    def __call__(
+        self, dim: int, *, drop_path: float, ls_init_value: float | None, index: int
+    ) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class BlockFamily:
+    """The parts of CEDNet that differ between the NeXt, Swin and ResNet families.
+
+    Args:
+        name: Family name, the ``family`` argument of ``CEDNet``.
+        base_block: Factory of the plain block.
+        focal_block: Factory of the dilated focal block (last encoder level).
+        norm2d: ``norm2d(channels)`` returns the channel norm of an NCHW map.
+        act: ``act()`` returns the activation module.
+    """
+
+    name: str
+    base_block: BlockFactory
+    focal_block: BlockFactory
+    norm2d: Callable[[int], nn.Module]
+    act: Callable[[], nn.Module]
+
+
+FAMILIES: dict[str, BlockFamily] = {}
+
+# Modules that register a family when imported; loaded lazily by get_family.
+_FAMILY_MODULES = {
+    "swin": "cednet_pl.models.blocks_swin",
+    "res": "cednet_pl.models.blocks_resnet",
+}
+
+
+def register_family(family: BlockFamily) -> BlockFamily:
+    """Register ``family`` under ``family.name`` and return it.
+
+    Raises:
+        ValueError: if a different family is already registered under that name.
+    """
+    existing = FAMILIES.get(family.name)
+    if existing is not None and existing != family:
+        raise ValueError(f"block family {family.name!r} is already registered ({existing})")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str | BlockFamily) -> BlockFamily:
+    """Return the registered family ``name`` (importing its module on first use)."""
+    if isinstance(name, BlockFamily):
+        return name
+    if name not in FAMILIES and name in _FAMILY_MODULES:
+        importlib.import_module(_FAMILY_MODULES[name])
+    if name not in FAMILIES:
+        known = sorted(set(FAMILIES) | set(_FAMILY_MODULES))
+        raise ValueError(f"unknown CEDNet block family {name!r}; expected one of {known}")
+    return FAMILIES[name]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map.
+
+    The map is viewed as NHWC, normalised over C and viewed back. For a channels_last tensor both
+    permutes are free (no copy), which is the memory format the model is meant to run in.
+
+    Args:
+        num_channels: Number of channels C.
+        eps: Added to the variance (1e-6, as in the released models).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _layer_scale(dim: int, ls_init_value: float | None) -> nn.Parameter | None:
+    if not ls_init_value:
+        return None
+    return nn.Parameter(torch.full((dim,), float(ls_init_value)))
+
+
+class _NHWCMlp(nn.Module):
+    """Shared tail of the NeXt blocks: (NCHW -> NHWC) pwconv1 -> act -> pwconv2 -> gamma (-> NCHW).
+
+    Subclasses own ``pwconv1``, ``act``, ``pwconv2`` and ``gamma`` so the names stay flat.
+    """
+
+    pwconv1: nn.Linear
+    act: nn.Module
+    pwconv2: nn.Linear
+    gamma: nn.Parameter | None
+
+    def _mlp(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        if norm is not None:
+            x = norm(x)
+        x = self.pwconv2(self.act(self.pwconv1(x)))
+        if self.gamma is not None:
+            x = x * self.gamma
+        return x.permute(0, 3, 1, 2)
+
+
+class NeXtBlock(_NHWCMlp):
+    """ConvNeXt block: dw7x7 -> LN -> Linear(4C) -> GELU -> Linear(C) -> gamma -> drop path -> + x.
+
+    Args:
+        dim: Channels.
+        drop_path: Stochastic-depth rate.
+        ls_init_value: Layer-scale init (``None``/0: no layer scale).
+        mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
+    """
+
+    def __init__(
+        self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6, mlp_ratio: int = 4
+    ) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gamma = _layer_scale(dim, ls_init_value)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self._mlp(self.dwconv(x), self.norm))
+
+
+class FocalNeXtBlock(_NHWCMlp):
+    """Focal NeXt ("DNeXt") block of the last encoder level.
+
+    ``y = x + act(LN2d(dw7x7(x)))``; ``y = y + act(LN2d(dw7x7_dilated3(y)))``;
+    ``out = x + drop_path(gamma * Linear(C)(GELU(Linear(4C)(y))))`` (no norm before the MLP; the
+    residual is taken from the block input ``x``).
+
+    Args:
+        dim: Channels.
+        drop_path: Stochastic-depth rate.
+        ls_init_value: Layer-scale init (``None``/0: no layer scale).
+        mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
+        dilation: Dilation of the second depth-wise conv.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        ls_init_value: float | None = 1e-6,
+        mlp_ratio: int = 4,
+        dilation: int = 3,
+    ) -> None:
+        super().__init__()
+        self.dwconv1 = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim), LayerNorm2d(dim), nn.GELU()
+        )
+        self.dwconv2 = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3 * dilation, dilation=dilation, groups=dim),
+            LayerNorm2d(dim),
+            nn.GELU(),
+        )
+        self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(mlp_ratio * dim, dim)
+        self.gamma = _layer_scale(dim, ls_init_value)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x + self.dwconv1(x)
+        y = y + self.dwconv2(y)
+        return x + self.drop_path(self._mlp(y))
+
+
+def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return NeXtBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value)
+
+
+def _next_focal(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return FocalNeXtBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value)
+
+
+NEXT_FAMILY = register_family(
+    BlockFamily(name="next", base_block=_next_base, focal_block=_next_focal, norm2d=LayerNorm2d, act=nn.GELU)
+)

@@ -1,0 +1,809 @@
+"""CEDNet: a cascade encoder-decoder network for dense prediction.
+
+Paper: "CEDNet: A Cascade Encoder-Decoder Network for Dense Prediction", Pattern Recognition 158
+(2025), arXiv https://arxiv.org/abs/2302.06052::
+
+    @article{zhang2025cednet,
+      title={CEDNet: A Cascade Encoder-Decoder Network for Dense Prediction},
+      author={Zhang, Gang and Li, Ziyi and Tang, Chufeng and Li, Jianmin and Hu, Xiaolin},
+      journal={Pattern Recognition}, volume={158}, year={2025}}
+
+Written for cednet-pl from the facts in ``design/cednet.md`` (no code of the original carries
+over). Module names equal the released checkpoint keys, so released state_dicts load 1:1; no
+weights are downloadable, load a local file with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
+
+Layout (224x224 input)::
+
+    stem (stride 4) -> stages.0 (P2 blocks + downsample, stride 8)
+      -> stages.1 .. stages.N: encoder (c3, c4, c5 at strides 8/16/32) + decoder (not in stage N)
+      -> per stage head on c5: final_layers.s (conv1x1 + norm + act) -> pool -> norms.s -> heads.s
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d
+from timm.models import (
+    adapt_input_conv,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    named_apply,
+    register_model,
+)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cednet_pl.models.blocks import BlockFamily, get_family
+
+__all__ = [
+    "DECODERS",
+    "CEDNet",
+    "CEDNetDecoder",
+    "CEDNetEncoder",
+    "checkpoint_filter_fn",
+    "load_checkpoint_file",
+]
+
+_logger = logging.getLogger(__name__)
+
+DECODERS = ("lightweight", "unet", "hourglass", "fpnconv")
+_POOL_TYPES = ("", "avg", "max", "avgmax")
+_HEAD_PREFIXES = ("final_layers", "norms", "heads")
+
+
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Run a sequence of blocks, checkpointing each one when asked (and when autograd is on)."""
+    if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+    return blocks(x)
+
+
+def _conv_norm(
+    in_chs: int, out_chs: int, kernel_size: int, stride: int, family: BlockFamily, padding: int = 0
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding), family.norm2d(out_chs)
+    )
+
+
+class CEDNetEncoder(nn.Module):
+    """Encoder of one cascade stage: three levels (strides 8/16/32) joined by conv2x2 s2 downsamples.
+
+    Levels 0 and 1 run base blocks, level 2 runs focal blocks. The input is the previous stage's
+    feature tuple; a plain encoder reads only its first entry (c3). With ``fuse_prev`` (FPN-conv
+    variant) the previous stage's c4 and c5 are added to the level 1 and level 2 inputs.
+
+    Args:
+        family: Block family.
+        dims: Channels of the three levels.
+        depths: Number of blocks per level.
+        drop_path_rates: Drop-path rate of every block, level 0 first.
+        ls_init_value: Layer-scale init.
+        fuse_prev: Add the previous stage's c4/c5 to the level 1/2 inputs.
+    """
+
+    def __init__(
+        self,
+        family: BlockFamily,
+        dims: Sequence[int],
+        depths: Sequence[int],
+        drop_path_rates: Sequence[float],
+        ls_init_value: float | None,
+        fuse_prev: bool = False,
+    ) -> None:
+        super().__init__()
+        self.fuse_prev = fuse_prev
+        self.grad_checkpointing = False
+        rates = iter(drop_path_rates)
+        self.encoder = nn.ModuleList()
+        for level, (dim, depth) in enumerate(zip(dims, depths, strict=True)):
+            factory = family.focal_block if level == 2 else family.base_block
+            self.encoder.append(
+                nn.Sequential(
+                    *[
+                        factory(dim, drop_path=next(rates), ls_init_value=ls_init_value, index=i)
+                        for i in range(depth)
+                    ]
+                )
+            )
+        self.encoder_downsample = nn.ModuleList(
+            [_conv_norm(dims[i], dims[i + 1], 2, 2, family) for i in range(len(dims) - 1)]
+        )
+
+    def forward(self, feats: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = feats[0]
+        outs = []
+        for level, blocks in enumerate(self.encoder):
+            if level > 0:
+                x = self.encoder_downsample[level - 1](x)
+                if self.fuse_prev and len(feats) > level:
+                    x = x + feats[level]
+            x = _run_blocks(blocks, x, self.grad_checkpointing)
+            outs.append(x)
+        return outs[0], outs[1], outs[2]
+
+
+class CEDNetDecoder(nn.Module):
+    """Top-down decoder of one cascade stage.
+
+    For level ``l`` = 1 then 0: ``c_l = norm(lateral(c_l) + up2(conv1x1(c_{l+1})))`` followed by the
+    decoder blocks of that level; ``up2`` is bilinear (align_corners False) to the size of ``c_l``.
+    ``lateral`` is one base block (hourglass) or the identity; decoder blocks exist for UNet and
+    hourglass. The FPN-conv variant ends with conv3x3 + norm on each level. c5 passes through.
+
+    Args:
+        family: Block family.
+        dims: Channels of the three levels.
+        kind: One of ``DECODERS``.
+        depths: Decoder blocks at level 1 and level 0 (UNet/hourglass only).
+        drop_path_rates: Drop-path rates, in run order (lateral 1, decoder 1, lateral 0, decoder 0).
+        ls_init_value: Layer-scale init.
+    """
+
+    def __init__(
+        self,
+        family: BlockFamily,
+        dims: Sequence[int],
+        kind: str,
+        depths: Sequence[int] = (0, 0),
+        drop_path_rates: Sequence[float] = (),
+        ls_init_value: float | None = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.grad_checkpointing = False
+        rates = iter(drop_path_rates)
+        levels = (1, 0)  # top-down: c4 first, then c3
+        self.decoder_upsample = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(dims[lvl + 1], dims[lvl], kernel_size=1)) for lvl in levels]
+        )
+        self.decoder_norm = nn.ModuleList([family.norm2d(dims[lvl]) for lvl in levels])
+        lateral, decoder = [], []
+        for lvl, depth in zip(levels, depths, strict=True):
+            if kind == "hourglass":
+                lateral.append(
+                    family.base_block(dims[lvl], drop_path=next(rates), ls_init_value=ls_init_value, index=0)
+                )
+            if kind in ("unet", "hourglass"):
+                decoder.append(
+                    nn.Sequential(
+                        *[
+                            family.base_block(
+                                dims[lvl], drop_path=next(rates), ls_init_value=ls_init_value, index=i
+                            )
+                            for i in range(depth)
+                        ]
+                    )
+                )
+        self.lateral = nn.ModuleList(lateral) if lateral else None
+        self.decoder = nn.ModuleList(decoder) if decoder else None
+        self.decoder_conv = (
+            nn.ModuleList([_conv_norm(d, d, 3, 1, family, padding=1) for d in dims])
+            if kind == "fpnconv"
+            else None
+        )
+
+    def forward(
+        self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        outs = list(feats)
+        x = outs[2]
+        for i, lvl in enumerate((1, 0)):
+            skip = outs[lvl]
+            if self.lateral is not None:
+                skip = self.lateral[i](skip)
+            up = F.interpolate(
+                self.decoder_upsample[i](x), size=skip.shape[-2:], mode="bilinear", align_corners=False
+            )
+            x = self.decoder_norm[i](skip + up)
+            if self.decoder is not None:
+                x = _run_blocks(self.decoder[i], x, self.grad_checkpointing)
+            outs[lvl] = x
+        if self.decoder_conv is not None:
+            outs = [conv(o) for conv, o in zip(self.decoder_conv, outs, strict=True)]
+        return outs[0], outs[1], outs[2]
+
+
+class CEDNet(nn.Module):
+    """CEDNet classifier/backbone (timm model contract).
+
+    ``forward`` returns the last stage's logits (train and eval); ``forward_stage_logits`` returns
+    every cascade stage's logits for deep supervision.
+
+    Args:
+        in_chans: Input channels.
+        num_classes: Classes of every stage head (0: no classifier, heads return pooled features).
+        global_pool: Head pooling: ``'avg'``, ``'max'``, ``'avgmax'`` or ``''`` (none: dense output).
+        family: Block family name (``'next'``, ``'swin'``, ``'res'``) or a ``BlockFamily``.
+        p2_dim: Width of the stem output and the P2 stage.
+        p2_block: Number of base blocks in the P2 stage.
+        dims: Channels of the three pyramid levels (strides 8, 16, 32).
+        blocks: Blocks per level ``[b0, b1, b2]`` (split between encoder and decoder for UNet/hourglass).
+        num_stages: Number of cascade stages.
+        decoder: ``'lightweight'``, ``'unet'``, ``'hourglass'`` or ``'fpnconv'``.
+        drop_rate: Dropout before each classifier.
+        drop_path_rate: End of the linear stochastic-depth ramp over all blocks.
+        ls_init_value: Layer-scale init of the blocks.
+        head_init_scale: Scale of the initial classifier weights and biases.
+        head_hidden: Width of the per-stage head (conv1x1 before pooling).
+        stem_dim: Width of the first stem conv.
+        with_heads: False builds the backbone only (no ``final_layers``/``norms``/``heads``; used for
+            ``features_only``, so that backbone-only checkpoints load).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        family: str | BlockFamily = "next",
+        p2_dim: int = 96,
+        p2_block: int = 3,
+        dims: Sequence[int] = (192, 352, 512),
+        blocks: Sequence[int] = (2, 4, 2),
+        num_stages: int = 3,
+        decoder: str = "lightweight",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        ls_init_value: float | None = 1e-6,
+        head_init_scale: float = 1.0,
+        head_hidden: int = 2048,
+        stem_dim: int = 32,
+        with_heads: bool = True,
+    ) -> None:
+        super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r}; expected one of {DECODERS}")
+        if len(dims) != 3 or len(blocks) != 3:
+            raise ValueError(f"dims and blocks need 3 entries (levels c3, c4, c5); got {dims} and {blocks}")
+        if num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        _check_pool(global_pool)
+        fam = get_family(family)
+        dims = tuple(int(d) for d in dims)
+        blocks = tuple(int(b) for b in blocks)
+        self.family = fam.name
+        self.num_classes = num_classes if with_heads else 0
+        self.num_stages = num_stages
+        self.decoder_kind = decoder
+        self.dims = dims
+        self.drop_rate = drop_rate
+        self.num_features = dims[2]
+        self.head_hidden_size = head_hidden
+        self.grad_checkpointing = False
+
+        if decoder in ("unet", "hourglass"):
+            enc_depths = (blocks[0] // 2, blocks[1] // 2, blocks[2])
+            dec_depths = (blocks[1] - blocks[1] // 2, blocks[0] - blocks[0] // 2)
+        else:
+            enc_depths, dec_depths = blocks, (0, 0)
+        n_lateral = 2 if decoder == "hourglass" else 0
+        n_enc, n_dec = sum(enc_depths), sum(dec_depths) + n_lateral
+        total = p2_block + num_stages * n_enc + (num_stages - 1) * n_dec
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        # Rates in ramp order: P2 blocks, then per stage its encoder blocks, then its decoder blocks.
+        self.drop_path_rates = rates
+        rate_iter = iter(rates)
+
+        def take(n: int) -> list[float]:
+            return [next(rate_iter) for _ in range(n)]
+
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem_dim, kernel_size=3, stride=2, padding=1),
+            fam.norm2d(stem_dim),
+            fam.act(),
+            nn.Conv2d(stem_dim, p2_dim, kernel_size=3, stride=2, padding=1),
+            fam.norm2d(p2_dim),
+            fam.act(),
+        )
+        p2 = [
+            fam.base_block(p2_dim, drop_path=r, ls_init_value=ls_init_value, index=i)
+            for i, r in enumerate(take(p2_block))
+        ]
+        self.stages = nn.ModuleList([nn.Sequential(*p2, _conv_norm(p2_dim, dims[0], 2, 2, fam))])
+        for s in range(num_stages):
+            stage = [CEDNetEncoder(fam, dims, enc_depths, take(n_enc), ls_init_value, decoder == "fpnconv")]
+            if s < num_stages - 1:
+                stage.append(CEDNetDecoder(fam, dims, decoder, dec_depths, take(n_dec), ls_init_value))
+            self.stages.append(nn.Sequential(*stage))
+
+        n_heads = num_stages if with_heads else 0
+        self.final_layers = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(dims[2], head_hidden, kernel_size=1), fam.norm2d(head_hidden), fam.act()
+                )
+                for _ in range(n_heads)
+            ]
+        )
+        self.norms = nn.ModuleList([nn.LayerNorm(head_hidden, eps=1e-6) for _ in range(n_heads)])
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.heads = self._make_heads(self.num_classes) if with_heads else nn.ModuleList()
+
+        last = f"stages.{num_stages}.0.encoder"
+        self.feature_info = [
+            dict(num_chs=dims[0], reduction=8, module=f"{last}.0"),
+            dict(num_chs=dims[1], reduction=16, module=f"{last}.1"),
+            dict(num_chs=dims[2], reduction=32, module=f"{last}.2"),
+        ]
+        named_apply(_init_weights, self)
+        self._scale_heads(head_init_scale)
+
+    def _make_heads(self, num_classes: int) -> nn.ModuleList:
+        return nn.ModuleList(
+            [
+                nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+                for _ in range(self.num_stages)
+            ]
+        )
+
+    @torch.no_grad()
+    def _scale_heads(self, scale: float) -> None:
+        for head in self.heads:
+            if isinstance(head, nn.Linear):
+                head.weight.mul_(scale)
+                head.bias.mul_(scale)
+
+    # ------------------------------------------------------------------ timm contract
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer groups for layer-wise lr decay: stem -> 0, ``stages.i`` -> i + 1, heads last."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block (recomputed in backward; outputs unchanged)."""
+        self.grad_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, (CEDNetEncoder, CEDNetDecoder)):
+                module.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters excluded from weight decay (none beyond timm's 1-d rule)."""
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier of the last stage (the one used at inference)."""
+        return self.heads[-1]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifiers of all stages (``num_classes=0`` removes them)."""
+        if len(self.final_layers) == 0:
+            raise RuntimeError(
+                "this CEDNet has no heads (features_only / with_heads=False); cannot reset the classifier"
+            )
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        else:
+            _check_pool(self.global_pool.pool_type)
+        self.num_classes = num_classes
+        device = self.final_layers[0][0].weight.device
+        self.heads = self._make_heads(num_classes).to(device)
+        named_apply(_init_weights, self.heads)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 3, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stage heads (used by ``features_only``); returns the absolute feature indices."""
+        take, _ = _take_indices(len(self.feature_info), indices)
+        if prune_head:
+            self.final_layers = nn.ModuleList()
+            self.norms = nn.ModuleList()
+            self.heads = nn.ModuleList()
+            self.num_classes = 0
+        return take
+
+    # ------------------------------------------------------------------ forward paths
+    def _stage_outputs(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield the (c3, c4, c5) output of every cascade stage in order."""
+        x = self.stem(x)
+        feats: tuple[torch.Tensor, ...] = (_run_blocks(self.stages[0], x, self.grad_checkpointing),)
+        for stage in self.stages[1:]:
+            feats = stage(feats)
+            yield feats  # type: ignore[misc]
+
+    def _last_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        *_, last = self._stage_outputs(x)
+        return last
+
+    def _head(self, s: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if len(self.final_layers) == 0:
+            raise RuntimeError(
+                "this CEDNet has no heads (features_only / with_heads=False); no classifier output"
+            )
+        x = self.global_pool(self.final_layers[s](x))
+        dense = x.ndim == 4
+        if dense:
+            x = x.permute(0, 2, 3, 1)
+        x = self.head_drop(self.norms[s](x))
+        if not pre_logits:
+            x = self.heads[s](x)
+        return x.permute(0, 3, 1, 2) if dense else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last stage's c5 (stride 32, ``num_features`` channels), unpooled NCHW."""
+        return self._last_stage(x)[2]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last stage's head on c5: conv1x1 + norm + act, pool, LayerNorm, (dropout,) classifier."""
+        return self._head(self.num_stages - 1, x, pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every cascade stage (deep supervision); the last equals ``forward(x)``."""
+        return [self._head(s, feats[2]) for s, feats in enumerate(self._stage_outputs(x))]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last stage's pyramid (c3, c4, c5) (``indices`` select among them).
+
+        Args:
+            x: Input images.
+            indices: Last-n (int) or absolute/negative indices into (c3, c4, c5); None: all.
+            norm: Unused (CEDNet has no final norm before the head).
+            stop_early: Unused (every stage is needed for the last stage's features).
+            output_fmt: Only ``'NCHW'``.
+            intermediates_only: Return only the selected features.
+
+        Returns:
+            The selected features, or ``(c5, features)``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: CEDNet only outputs NCHW")
+        take, _ = _take_indices(len(self.feature_info), indices)
+        feats = self._last_stage(x)
+        intermediates = [feats[i] for i in take]
+        if intermediates_only:
+            return intermediates
+        return feats[2], intermediates
+
+    def blocks_in_ramp_order(self) -> list[nn.Module]:
+        """All blocks in drop-path ramp order (matches ``self.drop_path_rates``)."""
+        out: list[nn.Module] = list(self.stages[0][:-1])
+        for stage in self.stages[1:]:
+            encoder = stage[0]
+            for level in encoder.encoder:
+                out.extend(level)
+            if len(stage) > 1:
+                dec = stage[1]
+                for i in range(2):
+                    if dec.lateral is not None:
+                        out.append(dec.lateral[i])
+                    if dec.decoder is not None:
+                        out.extend(dec.decoder[i])
+        return out
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in _POOL_TYPES:
+        raise ValueError(f"global_pool={global_pool!r}; expected one of {_POOL_TYPES}")
+
+
+def _take_indices(n: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """Absolute indices into ``n`` features: None -> all, int k -> last k, sequence -> (negatives ok)."""
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"last-n indices={indices} out of range 1..{n}")
+        take = list(range(n - indices, n))
+    else:
+        take = []
+        for i in indices:
+            j = n + i if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f"feature index {i} out of range for {n} features (c3, c4, c5)")
+            take.append(j)
+    return take, max(take)
+
+
+def _init_weights(module: nn.Module, name: str = "") -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="linear")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """Read a CEDNet checkpoint file and return its bare state_dict (keys not yet validated).
+
+    Accepts a bare state_dict, a released/timm checkpoint (``{'model': sd, ...}``; ``'model'`` is
+    preferred over ``'model_ema'``) or a Lightning checkpoint of ours (``{'state_dict': ...}`` with
+    the LightningModule's ``net.`` prefix, which is stripped). A ``module.`` (DDP) prefix is stripped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RuntimeError: the file cannot be read (truncated, not a torch file) or holds no state_dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses ({e}). "
+            "If you trust the file, load it with weights_only=False "
+            "(scripts/convert_checkpoint.py --allow-pickle) and save the bare state_dict."
+        ) from e
+    except Exception as e:
+        raise RuntimeError(
+            f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
+            "the file is truncated or not a torch checkpoint"
+        ) from e
+    return unwrap_state_dict(ckpt, source=path)
+
+
+def unwrap_state_dict(ckpt: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the model state_dict inside ``ckpt`` (see :func:`load_checkpoint_file`)."""
+    if not isinstance(ckpt, Mapping):
+        raise RuntimeError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if isinstance(ckpt.get("model"), Mapping):
+        sd = ckpt["model"]
+    elif isinstance(ckpt.get("state_dict"), Mapping):
+        sd = ckpt["state_dict"]
+        if any(k.startswith("net.") for k in sd):
+            dropped = [k for k in sd if not k.startswith("net.")]
+            if dropped:
+                _logger.info(
+                    "%s: ignoring %d non-model Lightning keys (e.g. %s)", source, len(dropped), dropped[:3]
+                )
+            sd = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
+    elif isinstance(ckpt.get("model_ema"), Mapping):
+        sd = ckpt["model_ema"]
+    else:
+        sd = ckpt
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not sd or bad:
+        raise RuntimeError(
+            f"{source}: no model state_dict found (top-level keys {list(ckpt)[:10]}"
+            + (f"; non-tensor entries {bad[:10]}" if bad else "")
+            + ")"
+        )
+    return dict(sd)
+
+
+def _head_stage(key: str) -> int | None:
+    """Stage index of a head key (``final_layers.s.*``, ``norms.s.*``, ``heads.s.*``), else None."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] in _HEAD_PREFIXES and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Check a (released or converted) checkpoint against ``model`` and adapt the heads.
+
+    Module names equal the released keys, so no renaming happens. Rules:
+
+    - checkpoint wrappers are removed (see :func:`unwrap_state_dict`);
+    - head groups (``final_layers``/``norms``/``heads``) the model does not have (``features_only``,
+      ``num_classes=0``) are dropped;
+    - if the classifier shapes differ (other ``num_classes``), all ``heads.*`` are dropped with a warning
+      and keep their fresh init;
+    - if the checkpoint has only the last stage's head (``--inference-only``), the auxiliary heads
+      keep their fresh init, with a warning;
+    - ``stem.0.weight`` is adapted when ``in_chans`` differs;
+    - anything else missing, unexpected or mis-shaped raises ``RuntimeError`` naming the keys.
+    """
+    sd = unwrap_state_dict(state_dict)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    num_stages = getattr(model, "num_stages", 0)
+    notes: list[str] = []  # warnings, emitted only when the checkpoint passes
+
+    for prefix in _HEAD_PREFIXES:
+        if not any(k.startswith(prefix + ".") for k in expected):
+            sd = {k: v for k, v in sd.items() if not k.startswith(prefix + ".")}
+
+    head_keys = [k for k in sd if k.startswith("heads.") and k in expected]
+    # Another num_classes changes only the classifiers' output dimension (dim 0).
+    if any(sd[k].shape != expected[k] for k in head_keys) and all(
+        sd[k].shape[1:] == expected[k][1:] for k in head_keys
+    ):
+        notes.append(
+            f"{variant}: checkpoint classifier shapes {tuple(sd[head_keys[0]].shape)} differ from the model's "
+            f"{tuple(expected[head_keys[0]])} (other num_classes); dropping heads.* ({len(head_keys)} tensors), "
+            "the classifiers keep their fresh initialisation"
+        )
+        sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
+
+    if "stem.0.weight" in sd and "stem.0.weight" in expected:
+        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
+        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
+            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
+
+    missing = [k for k in expected if k not in sd]
+    aux_missing = [k for k in missing if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    if aux_missing and len(aux_missing) == len(aux_all):
+        notes.append(
+            f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
+            "initialisation (they only matter for deep-supervision training)"
+        )
+        missing = [k for k in missing if k not in set(aux_missing)]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+        for k in sd
+        if k in expected and sd[k].shape != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return sd
+
+
+def _mismatch_message(variant: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    lines = [f"checkpoint does not match {variant} (is it a checkpoint of another variant?):"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            lines.append(
+                f"  {len(items)} {title} keys: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
+            )
+    return "\n".join(lines)
+
+
+def _load_pretrained_file(model: CEDNet, path: str) -> None:
+    """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
+    sd = checkpoint_filter_fn(load_checkpoint_file(path), model)
+    result = model.load_state_dict(sd, strict=False)
+    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+
+
+CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- registration
+def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    if kwargs.get("features_only"):
+        kwargs.setdefault("with_heads", False)
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if overlay.get("file"):
+        # Load local files through our own reader (clear errors, Lightning/released wrappers).
+        overlay.setdefault("custom_load", True)
+    return build_model_with_cfg(
+        CEDNet,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=overlay or None,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0",
+        "classifier": f"heads.{num_stages - 1}",
+        "license": "unknown (released CEDNet weights; check the original repository)",
+        **kwargs,
+    }
+
+
+# Released definitions (design/cednet.md section 3). Drop-path rates of the paper's recipe are set by
+# the training config, not here (timm convention): T/S/B 0.1/0.4/0.5, res50 0.
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "cednet_next_nano": dict(
+        p2_dim=32, p2_block=1, dims=(48, 80, 128), blocks=(1, 1, 1), num_stages=2, head_hidden=256
+    ),
+    "cednet_next_tiny": dict(p2_dim=96, p2_block=3, dims=(192, 352, 512), blocks=(2, 4, 2), num_stages=3),
+    "cednet_next_small": dict(p2_dim=96, p2_block=3, dims=(192, 352, 512), blocks=(2, 7, 2), num_stages=4),
+    "cednet_next_base": dict(p2_dim=128, p2_block=3, dims=(256, 448, 704), blocks=(2, 7, 2), num_stages=4),
+    "cednet_next_tiny_unet": dict(
+        p2_dim=96, p2_block=3, dims=(192, 352, 512), blocks=(2, 4, 2), num_stages=3, decoder="unet"
+    ),
+    "cednet_next_tiny_hourglass": dict(
+        p2_dim=96, p2_block=3, dims=(160, 320, 512), blocks=(2, 4, 2), num_stages=3, decoder="hourglass"
+    ),
+    "cednet_next_tiny_fpnconv": dict(
+        p2_dim=96, p2_block=3, dims=(160, 304, 448), blocks=(2, 4, 2), num_stages=3, decoder="fpnconv"
+    ),
+    "cednet_swin_tiny": dict(
+        family="swin", p2_dim=96, p2_block=3, dims=(160, 288, 416), blocks=(2, 4, 2), num_stages=3
+    ),
+    "cednet_res50": dict(
+        family="res", p2_dim=64, p2_block=3, dims=(128, 256, 384), blocks=(1, 4, 2), num_stages=3
+    ),
+}
+
+default_cfgs = generate_default_cfgs(
+    {name: _cfg(num_stages=args["num_stages"]) for name, args in MODEL_ARGS.items()}
+)
+
+
+def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> CEDNet:
+    return _create_cednet(name, pretrained=pretrained, **dict(MODEL_ARGS[name], **kwargs))
+
+
+@register_model
+def cednet_next_nano(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """Small NeXt CEDNet for CPU demos and tests (2 stages, dims 48/80/128, head 256)."""
+    return _build("cednet_next_nano", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_tiny(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-T (lightweight decoder)."""
+    return _build("cednet_next_tiny", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_small(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-S (4 stages)."""
+    return _build("cednet_next_small", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_base(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-B (4 stages)."""
+    return _build("cednet_next_base", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_tiny_unet(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-T with the UNet-style decoder."""
+    return _build("cednet_next_tiny_unet", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_tiny_hourglass(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-T with the hourglass-style decoder."""
+    return _build("cednet_next_tiny_hourglass", pretrained, kwargs)
+
+
+@register_model
+def cednet_next_tiny_fpnconv(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-NeXt-T, FPN-conv variant (released as ``*_fpn``)."""
+    return _build("cednet_next_tiny_fpnconv", pretrained, kwargs)
+
+
+@register_model
+def cednet_swin_tiny(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-Swin-T (Swin blocks from ``blocks_swin.py``)."""
+    return _build("cednet_swin_tiny", pretrained, kwargs)
+
+
+@register_model
+def cednet_res50(pretrained: bool = False, **kwargs: Any) -> CEDNet:
+    """CEDNet-Res50 (bottleneck blocks, BatchNorm, ReLU; ``blocks_resnet.py``)."""
+    return _build("cednet_res50", pretrained, kwargs)

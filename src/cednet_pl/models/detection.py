@@ -1,0 +1,478 @@
+"""RetinaNet detectors: CEDNet as a neck-free pyramid backbone, timm baselines with an FPN.
+
+- :class:`CEDNetPyramid`: the CEDNet trunk (``features_only``: the last cascade stage's c3/c4/c5, no
+  classifier heads) + ``reduce_convs`` (conv1x1 -> ``out_channels`` + LN2d per level) + ``add_blocks``
+  (two conv3x3 stride 2 + LN2d on the previous coarsest level): P3-P7 at strides 8-128, no FPN
+  (the cascade already fuses scales). ``pretrained=PATH`` loads the trunk from a classification
+  checkpoint (our Lightning ``.ckpt`` or a released ``.pth``), checked by
+  :func:`cednet_pl.models.cednet.checkpoint_filter_fn`.
+- :class:`TimmFPNBackbone`: any timm ``features_only`` model (ConvNeXt-T, Swin-T) at strides 8/16/32 +
+  torchvision's ``FeaturePyramidNetwork`` with ``LastLevelP6P7`` (P6 from C5, as RetinaNet v2): P3-P7.
+- :func:`build_retinanet`: torchvision's ``RetinaNet``/``RetinaNetHead``/``AnchorGenerator`` around either.
+
+One pass, losses and detections (:meth:`RetinaNetDetector.forward_with_loss`)::
+
+    net.eval()                                     # no drop path, no norm statistics update
+    images = [img.requires_grad_() for img in images]   # float (3, H, W) in [0, 1], original resolution
+    losses, detections = net.forward_with_loss(images, targets)   # targets: boxes xyxy (original px), labels
+    sum(losses.values()).backward()                # d loss / d original pixels in images[i].grad
+
+It runs transform (normalise, resize, pad) -> backbone -> head -> anchors, then both ``compute_loss``
+(against the targets, resized with the images) and ``postprocess_detections`` + ``transform.postprocess``
+(detections in original coordinates, detached). Every step up to the loss is differentiable with
+respect to the input tensors, including the resize.
+
+Resizing: the detector's transform resizes only at inference (shorter side ``min_size``, longer <=
+``max_size``, padded to ``size_divisible``); training images come already sized by the data pipeline
+(LSJ), which torchvision's transform would otherwise resize a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+from cednet_pl.models.blocks import LayerNorm2d
+from cednet_pl.models.cednet import checkpoint_filter_fn, unwrap_state_dict
+
+__all__ = [
+    "BOX_LOSSES",
+    "CEDNetPyramid",
+    "DetectionTransform",
+    "RetinaNetDetector",
+    "TimmFPNBackbone",
+    "build_retinanet",
+    "load_classification_state_dict",
+    "prefixed_group_matcher",
+]
+
+log = logging.getLogger(__name__)
+
+BOX_LOSSES = ("giou", "smooth_l1", "l1", "diou", "ciou")
+_LEVEL_NAMES = ("p3", "p4", "p5", "p6", "p7")
+
+
+def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read the model state_dict of a classification checkpoint (Lightning ``.ckpt`` or ``.pth``).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: The file is a detection checkpoint.
+        RuntimeError: The file cannot be read or holds no state_dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    try:
+        # NOTE: Lightning checkpoints pickle their hyper-parameters; like Lightning's own resume,
+        # a checkpoint given here is a trusted local file.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not read backbone checkpoint {path} ({type(err).__name__}: {err}); "
+            "the file is truncated or not a torch checkpoint"
+        ) from err
+    if isinstance(ckpt, dict):
+        target = str(((ckpt.get("cednet_config") or {}).get("model") or {}).get("_target_", ""))
+        state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else {}
+        if target.endswith("DetectionModule") or any(k.startswith("net.head.") for k in state):
+            raise ValueError(
+                f"{path} is a detection checkpoint (RetinaNet); a detection backbone loads the trunk of a "
+                "classification checkpoint (a cednet-train classification .ckpt or a released .pth)"
+            )
+    return unwrap_state_dict(ckpt, source=path)
+
+
+def prefixed_group_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Re-anchor a timm ``group_matcher`` (regexes on a submodule's parameter names) below ``prefix``."""
+
+    def fix(pattern: str) -> str:
+        return "^" + re.escape(prefix) + (pattern[1:] if pattern.startswith("^") else pattern)
+
+    out: dict[str, Any] = {}
+    for name, spec in matcher.items():
+        if isinstance(spec, str):
+            out[name] = fix(spec)
+        elif spec is not None:
+            out[name] = [(fix(p), suffix) for p, suffix in spec]
+    return out
+
+
+def _trunk_group_matcher(body: nn.Module) -> dict[str, Any]:
+    """Coarse layer-decay groups of a ``features_only`` trunk (stem -> 0, stage i -> i + 1), under ``body.``."""
+    trunk = _trunk(body)
+    if not hasattr(trunk, "group_matcher"):
+        return {}
+    return prefixed_group_matcher(
+        trunk.group_matcher(coarse=True), "body.model." if trunk is not body else "body."
+    )
+
+
+def _trunk(body: nn.Module) -> nn.Module:
+    """The classification model inside a timm ``features_only`` wrapper (``FeatureGetterNet.model``)."""
+    return body.model if hasattr(body, "model") and isinstance(body.model, nn.Module) else body
+
+
+class CEDNetPyramid(nn.Module):
+    """CEDNet detection backbone without a neck: P3-P7 from the last cascade stage.
+
+    Args:
+        model_name: A CEDNet variant registered with timm (or any timm model whose ``features_only``
+            output has strides 8/16/32, e.g. ``convnext_atto`` with ``out_indices=(1, 2, 3)``).
+        pretrained: Path of a classification checkpoint to load the trunk from (None: random init).
+        out_channels: Channels of every pyramid level.
+        drop_path_rate: Stochastic depth of the trunk (0.2 for CEDNet-T in the COCO recipe).
+        out_indices: Trunk feature indices (None: the model's default, c3/c4/c5 for CEDNet).
+        num_extra_levels: Stride-2 levels added on top of the coarsest (2: P6 and P7).
+        **model_kwargs: Passed to ``timm.create_model``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "cednet_next_tiny",
+        pretrained: str | None = None,
+        out_channels: int = 256,
+        drop_path_rate: float = 0.2,
+        out_indices: Sequence[int] | None = None,
+        num_extra_levels: int = 2,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if out_indices is not None:
+            model_kwargs["out_indices"] = tuple(out_indices)
+        self.model_name = model_name
+        self.body = timm.create_model(
+            model_name, features_only=True, drop_path_rate=drop_path_rate, **model_kwargs
+        )
+        reductions = list(self.body.feature_info.reduction())
+        if reductions != [8, 16, 32]:
+            raise ValueError(
+                f"{model_name}: features_only gives strides {reductions}, expected [8, 16, 32] (c3, c4, c5); "
+                "set out_indices"
+            )
+        self.out_channels = out_channels
+        self.num_levels = 3 + num_extra_levels
+        self.strides = [8, 16, 32] + [32 * 2 ** (i + 1) for i in range(num_extra_levels)]
+        self.reduce_convs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_channels, kernel_size=1), LayerNorm2d(out_channels))
+            for c in self.body.feature_info.channels()
+        )
+        self.add_blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=2, padding=1),
+                LayerNorm2d(out_channels),
+            )
+            for _ in range(num_extra_levels)
+        )
+        for m in [*self.reduce_convs.modules(), *self.add_blocks.modules()]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+        if pretrained:
+            self.load_trunk(pretrained)
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The classification trunk (module names as in the classification model, heads pruned)."""
+        return _trunk(self.body)
+
+    def load_trunk(self, path: str | os.PathLike) -> None:
+        """Load the trunk from a classification checkpoint; heads are dropped, anything else must match."""
+        sd = load_classification_state_dict(path)
+        trunk = self.trunk
+        try:
+            sd = checkpoint_filter_fn(sd, trunk)
+        except RuntimeError as err:
+            raise RuntimeError(f"backbone checkpoint {path} does not fit {self.model_name}: {err}") from err
+        trunk.load_state_dict(sd, strict=True)
+        log.info("loaded the %s trunk from %s (%d tensors)", self.model_name, path, len(sd))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups (timm convention): ``stem`` -> 0, ``stages.i`` -> i + 1; the neck joins the top."""
+        return _trunk_group_matcher(self.body)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = [conv(f) for conv, f in zip(self.reduce_convs, self.body(x), strict=True)]
+        for block in self.add_blocks:
+            feats.append(block(feats[-1]))
+        return OrderedDict(zip(_LEVEL_NAMES, feats, strict=False))
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm ``features_only`` trunk (strides 8/16/32) + torchvision FPN with P6/P7 from C5: P3-P7.
+
+    Args:
+        model_name: timm model, e.g. ``convnext_tiny`` or ``swin_tiny_patch4_window7_224``.
+        pretrained: False/None (random), True (timm's pretrained weights, needs the network) or a path to a
+            classification checkpoint to load into the trunk.
+        out_channels: FPN channels.
+        drop_path_rate: Stochastic depth of the trunk.
+        out_indices: Trunk feature indices with strides 8/16/32 (``(1, 2, 3)`` for ConvNeXt and Swin).
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "convnext_tiny",
+        pretrained: bool | str | None = None,
+        out_channels: int = 256,
+        drop_path_rate: float = 0.2,
+        out_indices: Sequence[int] = (1, 2, 3),
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.body = timm.create_model(
+            model_name,
+            pretrained=pretrained is True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=tuple(out_indices),
+            drop_path_rate=drop_path_rate,
+            **model_kwargs,
+        )
+        reductions = list(self.body.feature_info.reduction())
+        if reductions != [8, 16, 32]:
+            raise ValueError(
+                f"{model_name}: out_indices {out_indices} give strides {reductions}, expected [8, 16, 32]"
+            )
+        channels = list(self.body.feature_info.channels())
+        self.fpn = FeaturePyramidNetwork(
+            channels, out_channels, extra_blocks=LastLevelP6P7(channels[-1], out_channels)
+        )
+        self.out_channels = out_channels
+        self.num_levels = 5
+        self.strides = [8, 16, 32, 64, 128]
+        if isinstance(pretrained, str | os.PathLike) and pretrained:
+            self.load_trunk(pretrained)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return _trunk(self.body)
+
+    def load_trunk(self, path: str | os.PathLike) -> None:
+        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
+        sd = load_classification_state_dict(path)
+        expected = self.trunk.state_dict()
+        missing = [k for k in expected if k not in sd]
+        mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+        if missing or mismatched:
+            raise RuntimeError(
+                f"backbone checkpoint {path} does not fit {self.model_name}: {len(missing)} missing keys "
+                f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
+            )
+        self.trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups from the trunk's coarse ``group_matcher``; the FPN joins the top."""
+        return _trunk_group_matcher(self.body)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.body(x)
+        return self.fpn(OrderedDict(zip(("c3", "c4", "c5"), feats, strict=True)))
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """``GeneralizedRCNNTransform`` that resizes only at inference unless ``resize_in_train`` is set.
+
+    Args:
+        min_size: Shorter side at inference.
+        max_size: Longer side cap at inference.
+        image_mean: Normalisation mean.
+        image_std: Normalisation std.
+        size_divisible: Batches are padded to a multiple of this (128 in the COCO recipe).
+        resize_in_train: Also resize training images (off: the data pipeline sizes them, e.g. LSJ).
+    """
+
+    def __init__(
+        self,
+        min_size: int,
+        max_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        size_divisible: int = 128,
+        resize_in_train: bool = False,
+    ) -> None:
+        super().__init__(min_size, max_size, list(image_mean), list(image_std), size_divisible=size_divisible)
+        self.resize_in_train = resize_in_train
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
+        if self.training and not self.resize_in_train:
+            return image, target
+        return super().resize(image, target)
+
+
+class RetinaNetDetector(RetinaNet):
+    """torchvision ``RetinaNet`` plus :meth:`forward_with_loss` (losses and detections in one pass)."""
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups for timm's optimizer factory: the backbone trunk's groups, then everything else
+        (neck, head) in one top group."""
+        matcher = getattr(self.backbone, "group_matcher", None)
+        return prefixed_group_matcher(matcher(coarse), "backbone.") if matcher is not None else {}
+
+    def forward_with_loss(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+        """Losses against ``targets`` and detections, from one pass, in the module's current mode.
+
+        Args:
+            images: Float images (3, H, W) in [0, 1] at original resolution (may require grad).
+            targets: Per image ``boxes`` (N, 4) xyxy in original pixels and ``labels`` (N,) contiguous.
+
+        Returns:
+            ``(losses, detections)``: ``{"classification", "bbox_regression"}`` scalar tensors
+            (differentiable w.r.t. ``images`` and the parameters), and per image ``boxes`` (original
+            coordinates), ``scores``, ``labels`` (detached).
+        """
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
+        image_list, targets = self.transform(images, targets)
+        for i, t in enumerate(targets):
+            boxes = t["boxes"]
+            bad = (boxes[:, 2:] <= boxes[:, :2]).any(1)
+            if bad.any():
+                raise ValueError(
+                    f"target {i} has a box with zero or negative width/height: {boxes[bad][0].tolist()}"
+                )
+        features = list(self.backbone(image_list.tensors).values())
+        head_outputs = self.head(features)
+        anchors = self.anchor_generator(image_list, features)
+        losses = self.compute_loss(targets, head_outputs, anchors)
+        with torch.no_grad():
+            detections = self._detect(head_outputs, anchors, features, image_list.image_sizes, original_sizes)
+        return losses, detections
+
+    def _detect(
+        self,
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        features: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        per_level = [f.shape[-2] * f.shape[-1] for f in features]
+        num_anchors = head_outputs["cls_logits"].shape[1] // sum(per_level)
+        split = [n * num_anchors for n in per_level]
+        split_outputs = {k: list(v.detach().split(split, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(split)) for a in anchors]
+        detections = self.postprocess_detections(split_outputs, split_anchors, image_sizes)
+        # transform.postprocess maps back to original sizes only in eval mode; do it in both modes.
+        for det, size, orig in zip(detections, image_sizes, original_sizes, strict=True):
+            ratio_h, ratio_w = orig[0] / size[0], orig[1] / size[1]
+            det["boxes"] = det["boxes"] * det["boxes"].new_tensor([ratio_w, ratio_h, ratio_w, ratio_h])
+        return detections
+
+
+def _anchor_sizes(base_sizes: Sequence[int], scales_per_octave: int) -> tuple[tuple[float, ...], ...]:
+    return tuple(
+        tuple(float(s) * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)) for s in base_sizes
+    )
+
+
+def build_retinanet(
+    backbone: nn.Module,
+    num_classes: int,
+    anchor_base_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    scales_per_octave: int = 3,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    min_size: int = 800,
+    max_size: int = 1333,
+    size_divisible: int = 128,
+    resize_in_train: bool = False,
+    image_mean: Sequence[float] = (0.485, 0.456, 0.406),
+    image_std: Sequence[float] = (0.229, 0.224, 0.225),
+    box_loss: str = "giou",
+    head_norm: str | None = "group_norm",
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    topk_candidates: int = 1000,
+    fg_iou_thresh: float = 0.5,
+    bg_iou_thresh: float = 0.4,
+) -> RetinaNetDetector:
+    """torchvision RetinaNet on a P3-P7 backbone.
+
+    Args:
+        backbone: Module with ``out_channels`` returning an OrderedDict of levels (high resolution first).
+        num_classes: Object classes (no background class: torchvision's focal loss is per-class sigmoid).
+        anchor_base_sizes: Anchor size of each level (one per backbone level; 32..512 for P3-P7).
+        scales_per_octave: Anchor scales per level (``base * 2^(i/n)``); 3 x 3 ratios = 9 anchors.
+        aspect_ratios: Anchor aspect ratios (same on every level).
+        min_size: Shorter side at inference (``data.test_min_size``).
+        max_size: Longer side cap at inference (``data.test_max_size``).
+        size_divisible: Padding multiple of a batch (``data.size_divisible``).
+        resize_in_train: Let the transform resize training images too (off: the data pipeline sizes them).
+        image_mean: Normalisation mean (the trunk's pretraining mean).
+        image_std: Normalisation std.
+        box_loss: Regression loss, one of ``BOX_LOSSES`` (``giou`` as RetinaNet v2, ``smooth_l1``, ``l1``).
+        head_norm: ``"group_norm"`` (GroupNorm(32) in the head convs, as RetinaNet v2) or None.
+        score_thresh: Minimum score of a kept detection.
+        nms_thresh: Per-class NMS IoU threshold.
+        detections_per_img: Detections kept per image (100 = COCOeval's largest maxDets).
+        topk_candidates: Candidates per level before NMS.
+        fg_iou_thresh: Anchor/box IoU for a positive anchor.
+        bg_iou_thresh: Anchor/box IoU below which an anchor is negative.
+    """
+    if not hasattr(backbone, "out_channels"):
+        raise ValueError(f"backbone {type(backbone).__name__} has no `out_channels` attribute")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss={box_loss!r}; expected one of {BOX_LOSSES}")
+    num_levels = getattr(backbone, "num_levels", None)
+    if num_levels is None:
+        with torch.no_grad():
+            num_levels = len(backbone(torch.zeros(1, 3, size_divisible, size_divisible)))
+    if num_levels != len(anchor_base_sizes):
+        raise ValueError(
+            f"the backbone has {num_levels} levels but {len(anchor_base_sizes)} anchor sizes were given "
+            f"({list(anchor_base_sizes)}); give one anchor size per level"
+        )
+    anchor_generator = AnchorGenerator(
+        _anchor_sizes(anchor_base_sizes, scales_per_octave), (tuple(aspect_ratios),) * len(anchor_base_sizes)
+    )
+    if head_norm not in ("group_norm", None):
+        raise ValueError(f"head_norm={head_norm!r}; expected 'group_norm' or None")
+    norm_layer = partial(nn.GroupNorm, 32) if head_norm == "group_norm" else None
+    head = RetinaNetHead(
+        backbone.out_channels,
+        anchor_generator.num_anchors_per_location()[0],
+        num_classes,
+        norm_layer=norm_layer,
+    )
+    # NOTE: torchvision selects the box loss through this attribute (its v2 builder sets "giou" the same way).
+    head.regression_head._loss_type = box_loss
+    model = RetinaNetDetector(
+        backbone,
+        num_classes,
+        anchor_generator=anchor_generator,
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        topk_candidates=topk_candidates,
+        fg_iou_thresh=fg_iou_thresh,
+        bg_iou_thresh=bg_iou_thresh,
+    )
+    model.transform = DetectionTransform(
+        min_size,
+        max_size,
+        image_mean,
+        image_std,
+        size_divisible=size_divisible,
+        resize_in_train=resize_in_train,
+    )
+    return model

@@ -1,0 +1,102 @@
+"""Task-agnostic training callbacks: finite-loss guard, per-epoch reseeding, config-in-checkpoint, progress bar."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+from cednet_pl.utils.checkpoint import CONFIG_KEY
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the training loss becomes NaN or infinite."""
+
+
+class FiniteLossGuard(Callback):
+    """Stop training as soon as the loss is not finite, before backward and the optimizer step.
+
+    The error names the global step, epoch and batch, and the last checkpoint on disk, which is left untouched
+    (nothing is saved on the way out). In distributed runs the ranks agree first, so all of them stop together.
+    """
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        last = None
+        for cb in trainer.checkpoint_callbacks:
+            last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
+        where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.batch_idx})"
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.detach().float().item()}) at {where}; {keep}"
+        )
+
+
+class EpochSeed(Callback):
+    """Reseed python/numpy/torch at the start of every training epoch with `seed + epoch`.
+
+    Everything random inside an epoch (augmentation in the main process, mixup, drop path) then depends only on the
+    seed and the epoch, so a run resumed from an end-of-epoch checkpoint repeats the uninterrupted run exactly
+    (data-loader shuffling is made epoch-deterministic by the samplers' `set_epoch`). Worker processes are seeded
+    from the main process at loader start, so non-persistent workers follow too.
+
+    Args:
+        seed: Base seed; None disables reseeding.
+    """
+
+    def __init__(self, seed: int | None = 0):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.seed is None:
+            return
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed_everything(
+            int(self.seed) + 1000 * trainer.current_epoch + trainer.global_rank, workers=True, verbose=False
+        )
+
+
+class ConfigInCheckpoint(Callback):
+    """Store the run's model/data configs (plain, resolved) in every checkpoint under `cednet_config`.
+
+    `cednet-eval ckpt=...` rebuilds the model and the data from them.
+
+    Args:
+        config: A plain dict with at least `model` and `data` (each with a `_target_`).
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def is_interactive() -> bool:
+    """Whether stdout is a terminal (not a log file, a pipe or a batch job)."""
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(refresh_rate: int = 1, log_refresh_rate: int = 50) -> ProgressBar:
+    """A rich progress bar in a terminal, a slow-refreshing tqdm bar otherwise (keeps Slurm logs small).
+
+    Args:
+        refresh_rate: Refresh rate of the rich bar (in batches).
+        log_refresh_rate: Refresh rate of the tqdm bar when stdout is not a terminal.
+    """
+    if is_interactive():
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return TQDMProgressBar(refresh_rate=log_refresh_rate)

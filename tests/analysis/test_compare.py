@@ -1,0 +1,100 @@
+"""cednet-compare end to end on two tiny detectors, and its bad-input messages."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cednet_pl.analysis.compare import load_detector, main
+from cednet_pl.analysis.quality import read_quality, write_quality
+from cednet_pl.analysis.regions import read_curve
+from cednet_pl.callbacks import DetectionQuality
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny):
+    """Two validate-only runs (different random detectors) with quality files and checkpoints."""
+    base = tmp_path_factory.mktemp("compare")
+    runs = []
+    for seed in (0, 1):
+        run = base / f"run{seed}"
+        trainer = tiny.trainer(run, [DetectionQuality()])
+        module = tiny.detector(seed)
+        trainer.validate(module, datamodule=tiny.datamodule(), verbose=False)
+        trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+        runs.append(run)
+    return base, runs
+
+
+def test_compare_end_to_end(two_runs, capsys):
+    base, (run_a, run_b) = two_runs
+    out = base / "out"
+    code = main(
+        [str(run_a), str(run_b), "--k", "3", "--panels", "2", "--out", str(out), "--num-thresholds", "21"]
+    )
+    assert code == 0, capsys.readouterr().err
+    qa, qb = (
+        read_quality(run_a / "analysis" / "quality_val.json"),
+        read_quality(run_b / "analysis" / "quality_val.json"),
+    )
+    sel = json.loads((out / "selection.json").read_text())
+    gains = {i: qa.scores()[i] - qb.scores()[i] for i in qa.scores()}
+    assert sel["image_ids"] == sorted(gains, key=lambda i: (-gains[i], i))[:3]
+    names = ["cednet_next_nano (A)", "cednet_next_nano (B)"]
+    curves = [
+        read_curve(out / "regions" / f"{n.replace(' ', '_').replace('(', '_').replace(')', '_')}.json")
+        for n in names
+    ]
+    assert [c.name for c in curves] == names and all(c.image_ids == sel["image_ids"] for c in curves)
+    assert (out / "area_curves.png").stat().st_size > 1000
+    assert len(list((out / "panels").glob("*.png"))) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_images"] == 3 and len(summary["models"]) == 2
+
+
+def test_compare_bad_inputs(two_runs, tmp_path, capsys):
+    _, (run_a, run_b) = two_runs
+    out = str(tmp_path / "out")
+
+    assert main([str(run_a), str(run_b), "--k", "99", "--out", out]) == 2
+    assert "top 99 images" in capsys.readouterr().err
+    assert main([str(run_a), str(run_b), "--k", "99", "--clamp", "--out", out, "--select-only"]) == 0
+    assert len(json.loads((tmp_path / "out" / "selection.json").read_text())["image_ids"]) == 6
+
+    other = read_quality(run_b / "analysis" / "quality_val.json")
+    shifted = replace(other, images=[replace(im, image_id=im.image_id + 10**6) for im in other.images])
+    other_file = write_quality(shifted, tmp_path / "other_quality.json")
+    assert (
+        main([str(run_a), str(other_file), "--out", out, "--ckpt-b", str(run_b / "checkpoints/last.ckpt")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "no image in common" in err and "quality_val.json" in err and "other_quality.json" in err
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("123456789\n")
+    assert main([str(run_a), str(run_b), "--images", str(ids), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "ids.txt names 1 image id(s)" in err and "[123456789]" in err
+
+    not_det = tmp_path / "classifier.ckpt"
+    torch.save(
+        {
+            "state_dict": {"net.head.fc.weight": torch.zeros(1)},
+            "global_step": 0,
+            "pytorch-lightning_version": "2.6.0",
+            "cednet_config": {"model": {"_target_": "cednet_pl.lit.classification.ClassificationModule"}},
+        },
+        not_det,
+    )
+    assert main([str(run_a), str(run_b), "--k", "2", "--out", out, "--ckpt-b", str(not_det)]) == 2
+    assert "is not a detector checkpoint" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="plain state_dict"):
+        load_detector(_plain_state_dict(tmp_path))
+
+
+def _plain_state_dict(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"stem.0.weight": torch.zeros(1)}, path)
+    return path

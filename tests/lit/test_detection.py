@@ -1,0 +1,203 @@
+"""DetectionModule: COCO evaluation parity with pycocotools, layer decay, fast_dev_run, cednet-eval, wrong tasks."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from cednet_pl.data.synthetic_det import generate_synthetic_det
+from cednet_pl.evaluation import (
+    COCO_STAT_NAMES,
+    detections_to_coco_results,
+    evaluate_coco,
+    write_results_json,
+)
+from cednet_pl.lit.detection import DetectionModule, detection_param_groups
+
+TINY_DATA = [
+    "data.num_train=4",
+    "data.num_val=4",
+    "data.image_size=128",
+    "data.train_size=128",
+    "data.test_min_size=128",
+    "data.test_max_size=128",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,3]",
+    "data.batch_size=2",
+    "data.val_batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = generate_synthetic_det(
+        tmp_path_factory.mktemp("syn") / "set", num_train=2, num_val=40, image_size=128, digit_size=(16, 48)
+    )
+    return root / "annotations" / "instances_val.json"
+
+
+def perturbed_results(ann_file, seed=0):
+    """Detections from the ground truth: jittered boxes, some wrong classes, misses and false positives."""
+    rng = random.Random(seed)
+    data = json.loads(ann_file.read_text())
+    cat_ids = sorted(c["id"] for c in data["categories"])
+    per_image = {im["id"]: [] for im in data["images"]}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    image_ids, detections = [], []
+    for image_id, anns in per_image.items():
+        boxes, scores, labels = [], [], []
+        for ann in anns:
+            if rng.random() < 0.1:
+                continue
+            x, y, w, h = ann["bbox"]
+            j = [rng.gauss(0, 0.08) * s for s in (w, h, w, h)]
+            boxes.append([x + j[0], y + j[1], x + w + j[2], y + h + j[3]])
+            wrong = rng.random() < 0.15
+            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
+            scores.append(rng.random())
+        for _ in range(rng.randrange(3)):
+            x, y = rng.uniform(0, 100), rng.uniform(0, 100)
+            boxes.append([x, y, x + rng.uniform(5, 28), y + rng.uniform(5, 28)])
+            labels.append(rng.randrange(10))
+            scores.append(rng.random() * 0.5)
+        image_ids.append(image_id)
+        detections.append(
+            {
+                "boxes": torch.tensor(boxes).reshape(-1, 4),
+                "scores": torch.tensor(scores),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+            }
+        )
+    return detections_to_coco_results(image_ids, detections, cat_ids)
+
+
+def standalone_pycocotools(ann_file, results_file):
+    gt = COCO(str(ann_file))
+    dt = gt.loadRes(str(results_file))
+    ev = COCOeval(gt, dt, "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [float(s) for s in ev.stats]
+
+
+def test_evaluation_equals_standalone_pycocotools_exactly(synthetic, tmp_path):
+    results = perturbed_results(synthetic)
+    assert {r["category_id"] for r in results} <= set(range(1, 20, 2))
+    path = write_results_json(results, tmp_path / "res.json")
+    stats, summary = evaluate_coco(synthetic, path)
+    assert list(stats) == list(COCO_STAT_NAMES) and "Average Precision" in summary
+    assert [stats[k] for k in COCO_STAT_NAMES] == standalone_pycocotools(synthetic, path)
+    assert 0.2 < stats["map"] < 0.95
+
+
+def test_faster_coco_eval_backend_agrees(synthetic, tmp_path):
+    pytest.importorskip("faster_coco_eval")
+    path = write_results_json(perturbed_results(synthetic, seed=1), tmp_path / "res.json")
+    ref, _ = evaluate_coco(synthetic, path)
+    fast, _ = evaluate_coco(synthetic, path, backend="faster_coco_eval")
+    assert fast == pytest.approx(ref, abs=1e-12)
+
+
+def test_empty_results_and_unknown_backend(synthetic, tmp_path):
+    stats, _ = evaluate_coco(synthetic, write_results_json([], tmp_path / "empty.json"))
+    assert stats["map"] == 0.0 and stats["mar_100"] == 0.0
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
+        evaluate_coco(synthetic, [], backend="detectron")
+
+
+def test_layer_decay_groups_follow_the_trunk():
+    module = DetectionModule(
+        backbone={"kind": "cednet", "model_name": "cednet_next_nano", "out_channels": 32},
+        num_classes=10,
+        detector={"anchor_base_sizes": [16, 32, 64, 128, 256]},
+    )
+    net = module.net
+    groups = detection_param_groups(net, weight_decay=0.05, layer_decay=0.9, head_weight_decay=1e-4)
+    where = {id(p): g for g in groups for p in g["params"]}
+    params = dict(net.named_parameters())
+    assert len(where) == len(params)
+    # nano: stem -> 0, stages.0/1/2 -> 1/2/3, everything after the trunk -> top (4)
+    assert where[id(params["backbone.body.model.stem.0.weight"])]["lr_scale"] == pytest.approx(0.9**4)
+    assert where[id(params["backbone.body.model.stages.2.0.encoder.0.0.pwconv1.weight"])]["lr_scale"] == 0.9
+    for name in ("backbone.reduce_convs.0.0.weight", "head.classification_head.cls_logits.weight"):
+        assert where[id(params[name])]["lr_scale"] == 1.0
+    assert where[id(params["backbone.reduce_convs.0.0.weight"])]["weight_decay"] == 0.05
+    assert where[id(params["head.classification_head.cls_logits.weight"])]["weight_decay"] == 1e-4
+    assert where[id(params["head.classification_head.cls_logits.bias"])]["weight_decay"] == 0.0
+
+
+def test_fast_dev_run_writes_coco_results_and_metrics(make_cfg):
+    from cednet_pl.train import train
+
+    cfg = make_cfg("train", ["+experiment=det_demo", "++trainer.fast_dev_run=true", *TINY_DATA])
+    _, objects = train(cfg)
+    run = Path(objects["trainer"].default_root_dir)
+    report = json.loads((run / "coco_metrics_val.json").read_text())
+    assert set(report["metrics"]) == {f"val/{k}" for k in COCO_STAT_NAMES}
+    assert report["backend"] == "pycocotools" and report["num_images"] == 4
+    results = json.loads((run / "coco_results_val.json").read_text())
+    assert {r["image_id"] for r in results} <= {100001, 100002, 100003, 100004}
+    assert {r["category_id"] for r in results} <= set(range(1, 20, 2))
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
+    logged = objects["trainer"].callback_metrics
+    assert all(f"val/{k}" in logged for k in COCO_STAT_NAMES) and "train/loss" in logged
+
+
+def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
+    from cednet_pl.eval import evaluate
+    from cednet_pl.train import train
+
+    cfg = make_cfg(
+        "train",
+        ["+experiment=det_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DATA],
+    )
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert stored["category_ids"] == list(range(1, 20, 2))
+
+    ecfg = make_cfg("eval", [f"ckpt={ckpt}"])
+    metrics, _ = evaluate(ecfg)
+    assert all(f"val/{k}" in metrics for k in COCO_STAT_NAMES)
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert written["val/map"] == metrics["val/map"]
+    coco = json.loads((tmp_path / "run" / "coco_metrics_val.json").read_text())
+    assert coco["metrics"]["val/map"] == pytest.approx(metrics["val/map"])
+    assert (tmp_path / "run" / "coco_results_val.json").is_file()
+
+    # a detection checkpoint given to the classification task
+    with pytest.raises(ValueError, match="wrong-task checkpoint"):
+        evaluate(make_cfg("eval", [f"ckpt={ckpt}", "model=cednet_next_nano"]))
+    # a classification checkpoint given to the detection task
+    cls_ckpt = tmp_path / "cls.ckpt"
+    torch.save(
+        {
+            "state_dict": {"net.stem.0.weight": torch.zeros(1)},
+            "pytorch-lightning_version": "2.6.6",
+            "global_step": 1,
+            "cednet_config": {
+                "model": {
+                    "_target_": "cednet_pl.lit.classification.ClassificationModule",
+                    "net": {"name": "x"},
+                },
+                "data": {"_target_": "cednet_pl.data.digits.DigitsDataModule"},
+            },
+        },
+        cls_ckpt,
+    )
+    with pytest.raises(ValueError, match="wrong-task checkpoint"):
+        evaluate(
+            make_cfg("eval", [f"ckpt={cls_ckpt}", "model=retinanet_cednet_next_nano", "data=synthetic_det"])
+        )
+    module = DetectionModule(
+        backbone={"kind": "cednet", "model_name": "cednet_next_nano", "out_channels": 32}, num_classes=10
+    )
+    with pytest.raises(ValueError, match="wrong-task checkpoint"):
+        module.on_load_checkpoint(torch.load(cls_ckpt, weights_only=False))
