@@ -5,6 +5,9 @@ One step = forward + cross-entropy loss + backward + AdamW step, train mode, on 
 machine load hit both alike. Reports the median step time, images/s, the step-time ratio against the
 baseline and peak memory, and optionally the top ops of one profiled step (``--profile``).
 
+On CPU it also reports the process CPU time per step (``time.process_time``, all threads), whose
+ratio is much less sensitive than wall time to other jobs on a shared machine.
+
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over a step (reset before it). On CPU the
 process RSS is sampled every millisecond from ``/proc/self/statm`` by a background thread during each
 timed step; the table shows the peak RSS during the model's steps and that peak minus the RSS just
@@ -86,6 +89,7 @@ class Runner:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     peak_mem: int = 0
     peak_mem_delta: int = 0
 
@@ -129,9 +133,10 @@ def timed_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.d
         return
     base = _rss_bytes()
     with _RssSampler() as sampler:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         train_step(runner, x, y, device, amp)
         runner.times.append(time.perf_counter() - t0)
+        runner.cpu_times.append(time.process_time() - c0)
     runner.peak_mem = max(runner.peak_mem, sampler.peak)
     runner.peak_mem_delta = max(runner.peak_mem_delta, sampler.peak - base)
 
@@ -258,21 +263,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     medians = {r.name: statistics.median(r.times) for r in runners}
     base = medians[args.baseline]
     mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "RSS sampled 1 ms"
+    cpu_cols = device.type == "cpu"
+    header = f"| model | median step (s) | min step (s) | images/s | ratio vs {args.baseline} |"
+    header += " CPU s/step | CPU-time ratio |" if cpu_cols else ""
+    header += f" peak mem ({mem_kind}) | peak - before step |"
     print()
-    print(
-        f"| model | median step (s) | min step (s) | images/s | ratio vs {args.baseline} | peak mem ({mem_kind}) | peak - before step |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(header)
+    print("|---" + "|---:" * (header.count("|") - 2) + "|")
+    cpu_base = statistics.median(runners[args.models.index(args.baseline)].cpu_times) if cpu_cols else 0.0
     for r in runners:
         med = medians[r.name]
-        print(
-            f"| {r.name} | {med:.3f} | {min(r.times):.3f} | {args.batch_size / med:.1f} | {med / base:.2f}x | "
-            f"{_fmt_mem(r.peak_mem)} | {_fmt_mem(r.peak_mem_delta)} |"
+        line = (
+            f"| {r.name} | {med:.3f} | {min(r.times):.3f} | {args.batch_size / med:.1f} | {med / base:.2f}x |"
         )
+        if cpu_cols:
+            cpu = statistics.median(r.cpu_times)
+            line += f" {cpu:.3f} | {cpu / cpu_base:.2f}x |"
+        print(line + f" {_fmt_mem(r.peak_mem)} | {_fmt_mem(r.peak_mem_delta)} |")
     print(
         f"\nloadavg after {_load()}; step times per model: "
         + "; ".join(f"{r.name}: " + ", ".join(f"{t:.3f}" for t in r.times) for r in runners)
     )
+    if cpu_cols:
+        print(
+            "CPU s/step = process CPU time (all threads) of the step: less sensitive to other load on the "
+            "machine than wall time; on an idle machine wall-time ratio ~ CPU-time ratio."
+        )
 
     if args.profile:
         name = args.profile_model or args.models[0]

@@ -6,10 +6,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 
 from cednet_pl.utils.run import CONF_DIR
 
@@ -60,3 +62,16 @@ def cfg_train(make_cfg: Callable[..., DictConfig]) -> DictConfig:
             "data.image_size=32",
         ],
     )
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 40) -> Path:
+    """Write a tiny ImageFolder dataset (train/ and val/) of random JPEGs."""
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size + 8, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"img_{i}.JPEG", quality=90)
+    return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 import cednet_pl  # noqa: F401
+from cednet_pl.train import train
 from cednet_pl.utils.run import CONF_DIR
+from conftest import make_image_folder
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("cls_*.yaml"))
 IN1K_EXPERIMENTS = [e for e in EXPERIMENTS if e != "cls_digits"]
@@ -98,3 +101,45 @@ def test_unknown_model_config_lists_options(make_cfg) -> None:
     with pytest.raises(MissingConfigException) as err:
         make_cfg("train", ["model=cednet_next_huge"])
     assert "cednet_next_tiny" in str(err.value)
+
+
+SLOW_FDR = [e for e in IN1K_EXPERIMENTS if e != "cls_t"]
+
+
+def _fast_dev_run(make_cfg, tmp_path: Path, experiment: str, image_size: int) -> dict:
+    root = make_image_folder(tmp_path / "imagefolder", classes=2, per_class=2, size=image_size + 8)
+    cfg = make_cfg(
+        "train",
+        [
+            f"+experiment={experiment}",
+            f"data.root={root}",
+            "data.num_classes=2",
+            f"data.image_size={image_size}",
+            "data.batch_size=2",
+            "data.eval_batch_size=2",
+            "data.pin_memory=false",
+            "trainer=cpu",
+            "trainer.precision=32-true",
+            "+trainer.fast_dev_run=true",
+            "model.channels_last=false",
+        ],
+    )
+    metrics, objects = train(cfg)
+    assert objects["model"].mixup_fn is not None
+    return metrics
+
+
+def test_cls_t_fast_dev_run_on_tiny_image_folder(make_cfg, tmp_path: Path) -> None:
+    metrics = _fast_dev_run(make_cfg, tmp_path, "cls_t", 64)
+    assert {"train/loss", "train/loss_stage0", "train/loss_stage2", "val/acc1", "val/acc1_ema"} <= set(
+        metrics
+    )
+    assert all(map(math.isfinite, (metrics["train/loss"], metrics["val/loss"])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_FDR)
+def test_experiment_fast_dev_run(make_cfg, tmp_path: Path, name: str) -> None:
+    size = 224 if "swin" in name else 64  # timm's Swin is built for its 224 input
+    metrics = _fast_dev_run(make_cfg, tmp_path, name, size)
+    assert math.isfinite(metrics["train/loss"])

@@ -34,7 +34,8 @@ MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=/run/slurmctld.pid
 SLURMD_PID=/run/slurmd.pid
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! grep -q '^State:.*Z' "/proc/$(cat "$1")/status" 2>/dev/null; }
+# a daemon is up when its pid file names a live, non-zombie process (readable by any user, unlike kill -0)
+alive() { [ -s "$1" ] && [ -d "/proc/$(cat "$1")" ] && ! grep -q '^State:.*Z' "/proc/$(cat "$1")/status" 2>/dev/null; }
 
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null | head -1; }
 

@@ -16,6 +16,7 @@ composed `cfg.model`/`cfg.data` are used and the weights load through timm (`pre
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from cednet_pl.utils import (
     write_metrics,
 )
 from cednet_pl.utils.checkpoint import is_lightning_checkpoint
+from cednet_pl.utils.distributed import add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
 log = RankedLogger(__name__)
@@ -155,6 +157,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     path = Path(str(cfg.ckpt)).expanduser()
     ckpt = load_checkpoint(path)
     output_dir = Path(cfg.paths.output_dir)
+    # Slurm/DDP layout check (fails fast on tasks/nodes vs devices mismatches), quiet non-zero ranks
+    setup_distributed_run(cfg.trainer, output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -203,10 +207,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """`cednet-eval` console script."""
+def _hydra_main(cfg: DictConfig) -> None:
     extras(cfg)
     evaluate(cfg)
+
+
+def main() -> None:
+    """`cednet-eval` console script (Hydra CLI)."""
+    # ranks > 0 (srun tasks, Lightning's launcher children) write no .hydra/ copy and no log file into the run dir
+    add_rank_hydra_overrides(sys.argv)
+    _hydra_main()
 
 
 if __name__ == "__main__":

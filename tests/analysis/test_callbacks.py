@@ -20,7 +20,7 @@ def fitted(tmp_path_factory, tiny):
     module = tiny.detector()
     callbacks = [
         DetectionQuality(),
-        GradientRegions(num_images=3, batch_size=2, num_thresholds=11),
+        GradientRegions(num_images=3, batch_size=2, num_thresholds=11, every_n_validations=1),
         Panels(image_ids=None, num_images=2),
     ]
     trainer = tiny.trainer(base / "run", callbacks)
@@ -52,6 +52,7 @@ def test_gradient_regions_and_panels_at_fit_end(fitted):
     assert len(curve.thresholds) == 11 and curve.area_fraction[-1] == 0.0
     assert all(a >= b for a, b in zip(curve.area_fraction, curve.area_fraction[1:], strict=False))
     assert (run / "analysis" / "regions" / "final.png").stat().st_size > 1000
+    assert read_curve(run / "analysis" / "regions" / "val001_step1.json").image_ids == curve.image_ids
     panels = sorted((run / "analysis" / "panels" / "final").glob("*.png"))
     assert [p.stem for p in panels] == sorted(str(i) for i in dm.val_dataset.image_ids[:2])
     assert math.isfinite(curve.auc)

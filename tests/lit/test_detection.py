@@ -201,3 +201,41 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
     )
     with pytest.raises(ValueError, match="wrong-task checkpoint"):
         module.on_load_checkpoint(torch.load(cls_ckpt, weights_only=False))
+
+
+@pytest.mark.parametrize(
+    ("name", "model_name", "drop_path", "layer_decay"),
+    [
+        ("det_retinanet_cednet_t", "cednet_next_tiny", 0.2, 0.95),
+        ("det_retinanet_convnext_t", "convnext_tiny", 0.4, 0.95),
+        ("det_retinanet_swin_t", "swin_tiny_patch4_window7_224", 0.2, None),
+    ],
+)
+def test_coco_3x_experiments_compose(make_cfg, name, model_name, drop_path, layer_decay):
+    cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
+    assert cfg.task_name == name and cfg.data._target_.endswith("COCODataModule")
+    assert cfg.model.backbone.model_name == model_name and cfg.model.backbone.drop_path_rate == drop_path
+    assert cfg.model.optimizer.layer_decay == layer_decay and cfg.model.optimizer.lr == 1e-4
+    assert cfg.data.batch_size * cfg.trainer.devices == 16 and cfg.trainer.max_epochs == 36
+    assert [round(m * 36) for m in cfg.model.scheduler.milestones] == [27, 33]
+    assert (cfg.data.train_size, list(cfg.data.scale_range), cfg.data.copy_paste_prob) == (
+        1024,
+        [0.1, 2.0],
+        0.5,
+    )
+    det = cfg.model.detector
+    assert (det.min_size, det.max_size, det.size_divisible) == (800, 1333, 128)
+    assert cfg.model.num_classes == 80 and "mixed" in cfg.trainer.precision
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["det_retinanet_cednet_t", "det_retinanet_convnext_t", "det_retinanet_swin_t"]
+)
+def test_coco_3x_models_instantiate(make_cfg, name):
+    import hydra
+
+    cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
+    module = hydra.utils.instantiate(cfg.model)
+    feats = module.net.backbone(torch.zeros(1, 3, 256, 256))
+    assert [f.shape[-1] for f in feats.values()] == [32, 16, 8, 4, 2]

@@ -210,6 +210,7 @@ def test_converter_errors(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_converter_cli(tmp_path: Path, nano_file: Path) -> None:
     out = tmp_path / "sub" / "nano.pth"
     proc = subprocess.run(

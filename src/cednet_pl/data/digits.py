@@ -9,12 +9,14 @@ The train/val split is stratified and fixed by `split_seed`. Training augmentati
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from cednet_pl.utils.data import EpochSeededRandomSampler, current_epoch
 from cednet_pl.utils.distributed import exact_eval_sampler, train_sampler
 
 
@@ -163,17 +165,19 @@ class DigitsDataModule(L.LightningDataModule):
             batch_size=batch_size,
             # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards, so val metrics
             # count every sample exactly once (cednet_pl.utils.distributed)
-            sampler=train_sampler(dataset, self.hparams.shuffle_seed)
-            if train
-            else exact_eval_sampler(dataset),
+            sampler=self._train_sampler(dataset) if train else exact_eval_sampler(dataset),
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=bool(self.hparams.persistent_workers and workers > 0),
             drop_last=train,
         )
 
-    def _train_sampler(self, n: int) -> EpochSeededRandomSampler:
-        sampler = EpochSeededRandomSampler(n, self.hparams.shuffle_seed, with_epoch=True)
+    def _train_sampler(self, dataset: Dataset) -> Any:
+        sampler = train_sampler(dataset, self.hparams.shuffle_seed)
+        if isinstance(sampler, EpochSeededRandomSampler):
+            # (index, epoch) keys: per-sample augmentation seeds, exact on resume
+            sampler.with_epoch = True
+        # NOTE: Lightning builds (and prefetches from) a resumed run's first iterator before calling set_epoch
         sampler.set_epoch(current_epoch(self.trainer))
         return sampler
 

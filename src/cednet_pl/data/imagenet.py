@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from cednet_pl.utils.data import current_epoch
 from cednet_pl.utils.distributed import exact_eval_sampler, train_sampler
 
 
@@ -269,15 +270,16 @@ class ImageNetDataModule(L.LightningDataModule):
             batch_size=batch_size,
             # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards, so val metrics
             # count every sample exactly once (cednet_pl.utils.distributed)
-            sampler=train_sampler(dataset, hp.shuffle_seed) if train else exact_eval_sampler(dataset),
+            sampler=self._train_sampler(dataset) if train else exact_eval_sampler(dataset),
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
             drop_last=train,
         )
 
-    def _train_sampler(self, n: int) -> EpochSeededRandomSampler:
-        sampler = EpochSeededRandomSampler(n, self.hparams.shuffle_seed)
+    def _train_sampler(self, dataset: Dataset) -> Any:
+        sampler = train_sampler(dataset, self.hparams.shuffle_seed)
+        # NOTE: Lightning builds (and prefetches from) a resumed run's first iterator before calling set_epoch
         sampler.set_epoch(current_epoch(self.trainer))
         return sampler
 

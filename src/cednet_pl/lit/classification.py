@@ -19,7 +19,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cednet_pl.lit.optim import build_optimizer, build_scheduler, resolve_lr, top_lr
@@ -159,6 +159,9 @@ class ClassificationModule(L.LightningModule):
         if self.ema is not None:
             val["acc1_ema"] = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
             val["acc5_ema"] = MulticlassAccuracy(self.num_classes, top_k=k5, average="micro")
+        # NOTE: a torchmetrics mean (float sum + weight states), not self.log(sync_dist=True): Lightning floors the
+        # synced batch count when DDP ranks see unequal sample counts (Lightning #21859), e.g. 351 val images on 2 ranks
+        val["loss"] = MeanMetric()
         self.val_metrics = MetricCollection(val)
         self.test_metrics = self.val_metrics.clone()
         self._tp_images = 0
@@ -228,7 +231,7 @@ class ClassificationModule(L.LightningModule):
                 self.log(f"train/loss_stage{i}", stage_loss.detach(), on_step=True, on_epoch=False)
         self._update_acc(self.train_metrics, logits, y)
         self.log_dict({f"train/{k}": m for k, m in self.train_metrics.items()}, on_step=False, on_epoch=True)
-        if self.trainer is not None and self.trainer.optimizers:
+        if self._trainer is not None and self._trainer.optimizers:
             self.log(
                 "train/lr", top_lr(self.trainer.optimizers[0]), on_step=True, on_epoch=False, prog_bar=True
             )
@@ -241,7 +244,7 @@ class ClassificationModule(L.LightningModule):
         x = self._prepare(x)
         logits = self.stage_logits(x)
         loss = nn.functional.cross_entropy(logits[-1], y)
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        metrics["loss"].update(loss.detach(), weight=x.shape[0])
         self._update_acc(metrics, logits, y)
         if self.ema is not None and "acc1_ema" in metrics:
             ema_logits = self.ema.module(x)
@@ -283,7 +286,7 @@ class ClassificationModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self._tp_seconds > 0:
-            world = self.trainer.world_size if self.trainer is not None else 1
+            world = self._trainer.world_size if self._trainer is not None else 1
             self.log(
                 "train/throughput", self._tp_images * world / self._tp_seconds, on_step=False, on_epoch=True
             )

@@ -14,7 +14,8 @@ and for the focal block ``norm_act1.0``, ``dwconv2``, ``norm_act2.0``).
 
 Blocks take and return NCHW tensors; internally they work channels-last (NHWC), so a channels-last NCHW
 input makes the entry/exit permutes free. Attention runs through ``F.scaled_dot_product_attention`` with the
-relative position bias (plus the shifted-window mask) as an additive float mask.
+relative position bias (plus the shifted-window mask) as an additive float mask; the dilated depthwise conv
+runs through :func:`dilated_dwconv2d` (an exact, faster rewrite on CPU).
 
 Windows: maps whose sides are not a multiple of the window are zero-padded at the bottom/right after
 ``norm1`` (as the released detection backbone does); padded tokens are not masked. A map that fits in a

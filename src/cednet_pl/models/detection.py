@@ -325,6 +325,21 @@ class RetinaNetDetector(RetinaNet):
         matcher = getattr(self.backbone, "group_matcher", None)
         return prefixed_group_matcher(matcher(coarse), "backbone.") if matcher is not None else {}
 
+    def compute_loss(
+        self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor]
+    ) -> dict[str, Tensor]:
+        # NOTE: losses and box decoding in float32 even under autocast (bf16 boxes are off by pixels)
+        return super().compute_loss(targets, {k: v.float() for k, v in head_outputs.items()}, anchors)
+
+    def postprocess_detections(
+        self,
+        head_outputs: dict[str, list[Tensor]],
+        anchors: list[list[Tensor]],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        outputs = {k: [v.float() for v in vs] for k, vs in head_outputs.items()}
+        return super().postprocess_detections(outputs, anchors, image_shapes)
+
     def forward_with_loss(
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:

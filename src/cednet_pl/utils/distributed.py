@@ -309,9 +309,14 @@ class DistributedRunReport(L.Callback):
     """Log the distributed layout and the training progress in a form that survives requeues.
 
     Every rank logs one line once its process group is up (`rank R/W joined the process group ...`); rank zero
-    logs where fitting (re)starts (`fit start: epoch E global_step G ...`) and each finished epoch
-    (`epoch E done: global_step G`), so a job log shows that a requeued run continued instead of repeating epochs.
+    logs where fitting (re)starts (`fit start: epoch E global_step G ...`) and each epoch this process finished
+    (`epoch E done: global_step G`). The epoch line is written once all of the epoch's hooks have run, checkpoint
+    saving included (at the next epoch's start, or at the end of training), so a job log shows which epochs a
+    requeued run may skip and that it continued instead of repeating them.
     """
+
+    def __init__(self) -> None:
+        self._finished: tuple[int, int] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if trainer.world_size < 2:
@@ -326,6 +331,7 @@ class DistributedRunReport(L.Callback):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finished = None
         if trainer.is_global_zero:
             rank_log.info(
                 f"fit start: epoch {trainer.current_epoch} global_step {trainer.global_step} "
@@ -334,8 +340,18 @@ class DistributedRunReport(L.Callback):
             )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            rank_log.info(f"epoch {trainer.current_epoch} done: global_step {trainer.global_step}")
+        self._finished = (trainer.current_epoch, trainer.global_step)
+
+    def _report_finished(self, trainer: L.Trainer) -> None:
+        if self._finished is not None and trainer.is_global_zero:
+            rank_log.info(f"epoch {self._finished[0]} done: global_step {self._finished[1]}")
+        self._finished = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report_finished(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report_finished(trainer)
 
 
 def _dist_world() -> tuple[int, int] | None:
@@ -361,24 +377,35 @@ class EpochSeededDistributedSampler(DistributedSampler):
         seed: Base seed of the permutation (the DataModule's `shuffle_seed`).
         num_replicas: World size (default: the process group's).
         rank: This rank (default: the process group's).
+        with_epoch: Yield `(index, epoch)` pairs like `EpochSeededRandomSampler(with_epoch=True)`.
     """
 
-    def __init__(self, dataset: Any, seed: int = 0, num_replicas: int | None = None, rank: int | None = None):
+    def __init__(
+        self,
+        dataset: Any,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        with_epoch: bool = False,
+    ):
         super().__init__(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
         )
+        self.with_epoch = with_epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         from cednet_pl.utils.data import EpochSeededRandomSampler
 
+        epoch = self.epoch
         order = EpochSeededRandomSampler(len(self.dataset), self.seed)
-        order.set_epoch(self.epoch)
+        order.set_epoch(epoch)
         indices = list(order)
         indices += indices[: self.total_size - len(indices)]
-        return iter(indices[self.rank : self.total_size : self.num_replicas])
+        shard = indices[self.rank : self.total_size : self.num_replicas]
+        return iter([(i, epoch) for i in shard] if self.with_epoch else shard)
 
 
-def train_sampler(dataset: Any, seed: int = 0) -> Any:
+def train_sampler(dataset: Any, seed: int = 0, with_epoch: bool = False) -> Any:
     """Sampler for training loaders: the epoch-seeded permutation, sharded over ranks when distributed.
 
     Returns `EpochSeededRandomSampler` in a single process and `EpochSeededDistributedSampler` under DDP (a
@@ -387,13 +414,16 @@ def train_sampler(dataset: Any, seed: int = 0) -> Any:
     Args:
         dataset: The training dataset (map-style).
         seed: Base seed of the per-epoch permutation.
+        with_epoch: Yield `(index, epoch)` pairs (for per-sample augmentation seeds).
     """
     world = _dist_world()
     if world is None:
         from cednet_pl.utils.data import EpochSeededRandomSampler
 
-        return EpochSeededRandomSampler(len(dataset), seed)
-    return EpochSeededDistributedSampler(dataset, seed=seed, num_replicas=world[0], rank=world[1])
+        return EpochSeededRandomSampler(len(dataset), seed, with_epoch=with_epoch)
+    return EpochSeededDistributedSampler(
+        dataset, seed=seed, num_replicas=world[0], rank=world[1], with_epoch=with_epoch
+    )
 
 
 def exact_eval_sampler(dataset: Any) -> Any:
@@ -473,7 +503,11 @@ class SlurmLauncherCheck(HydraCallback):
     """Hydra callback of the `hydra/launcher=slurm` preset: fail fast, with a clear message, before submitting."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_slurm_launcher(config)
+        # NOTE: Hydra turns exceptions raised by callbacks into warnings and carries on; SystemExit stops the sweep
+        try:
+            check_slurm_launcher(config)
+        except LaunchConfigError as e:
+            raise SystemExit(f"Error: {e}") from e
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         log.warning(

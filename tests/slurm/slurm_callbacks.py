@@ -1,4 +1,4 @@
-"""Callbacks injected into test jobs (`+callbacks.slow._target_=requeue_helpers.SlowFirstRun`, PYTHONPATH=tests/slurm)."""
+"""Callbacks injected into test jobs (`+callbacks.slow._target_=slurm_callbacks.SlowFirstRun`, PYTHONPATH=tests/slurm)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import lightning as L
 class SlowFirstRun(L.Callback):
     """Sleep after every training batch of a Slurm job's first run (restart count 0), none after a requeue.
 
-    Gives a test time to requeue or signal the job in the middle of training.
+    Injected with `+callbacks.slow._target_=slurm_callbacks.SlowFirstRun`; gives a test time to requeue or signal
+    the job in the middle of training.
 
     Args:
         seconds: Sleep per training batch.

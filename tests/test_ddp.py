@@ -1,0 +1,67 @@
+"""2-process CPU DDP without Slurm: Lightning's own launcher re-runs `cednet-train` for local rank 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+#: Same tiny digits run as the Slurm tests (tests/slurm/slurm_helpers.py): odd validation set of 351 images.
+TINY_TRAIN = [
+    "data.image_size=32",
+    "data.augment=false",
+    "data.val_fraction=0.195",
+    "data.eval_batch_size=88",
+    "data.batch_size=16",
+    "+trainer.limit_train_batches=4",
+    "trainer.max_epochs=1",
+    "trainer.deterministic=true",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "extras.print_config=false",
+]
+
+
+def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
+    """`cednet-train trainer=ddp_cpu` outside Slurm: 2 gloo ranks, one run dir, outputs by rank zero only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        CEDNET_LOG_DIR=str(tmp_path / "logs"),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        ["cednet-train", "trainer=ddp_cpu", *TINY_TRAIN],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in (0, 1):
+        assert len(re.findall(rf"rank {rank}/2 joined the process group \(backend gloo", out)) == 1, out[
+            -3000:
+        ]
+    assert "Starting with 2 processes" in out
+
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    # rank 1 wrote nothing into the run dir: no second job log, no second .hydra, no extra checkpoint dir
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra",
+        "checkpoints",
+        "csv",
+        "metrics.json",
+        "train.log",
+    ]
+    assert len(list((tmp_path / "logs").rglob("metrics.json"))) == 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 4
+    acc = metrics["metrics"]["val/acc1"]
+    assert abs(acc * 351 - round(acc * 351)) < 1e-3  # correct / 351: each validation image counted once
