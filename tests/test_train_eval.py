@@ -263,7 +263,7 @@ def test_atomic_checkpoint_write_keeps_old_file(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
-def test_console_scripts_from_any_directory(tmp_path: Path) -> None:
+def test_console_script_from_any_directory(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(
         [str(BIN / "cednet-train"), "+experiment=cls_t", "--cfg", "job"],
@@ -271,18 +271,34 @@ def test_console_scripts_from_any_directory(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
         check=True,
     ).stdout
     assert "cednet_next_tiny" in out and "rand-m9-mstd0.5-inc1" in out
+    assert not any(tmp_path.iterdir())  # nothing written to the launch dir
+
+
+@pytest.mark.slow
+def test_console_scripts_train_and_fail_clearly(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(
+        [str(BIN / "cednet-train"), "debug=fdr", "data.image_size=32", "extras.print_config=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    )
+    runs = list((tmp_path / "logs" / "debug" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
     bad = subprocess.run(
         [str(BIN / "cednet-eval"), f"ckpt={tmp_path / 'missing.ckpt'}", "extras.print_config=false"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
     )
     assert bad.returncode != 0
     assert "missing.ckpt does not exist" in bad.stderr + bad.stdout
-    assert not (tmp_path / "outputs").exists()

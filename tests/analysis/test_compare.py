@@ -98,3 +98,16 @@ def _plain_state_dict(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"stem.0.weight": torch.zeros(1)}, path)
     return path
+
+
+def test_compare_accepts_coco_results_files(two_runs, tmp_path, capsys):
+    _, (run_a, run_b) = two_runs
+    qa = read_quality(run_a / "analysis" / "quality_val.json")
+    res_a, res_b = run_a / "coco_results_val.json", run_b / "coco_results_val.json"
+    assert main([str(res_a), str(res_b), "--k", "2", "--select-only", "--out", str(tmp_path)]) == 2
+    assert "pass --ann-file" in capsys.readouterr().err
+    args = [str(res_a), str(res_b), "--k", "6", "--select-only", "--out", str(tmp_path)]
+    assert main([*args, "--ann-file", qa.dataset.ann_file]) == 0
+    from_results = json.loads((tmp_path / "selection.json").read_text())["image_ids"]
+    assert main([str(run_a), str(run_b), "--k", "6", "--select-only", "--out", str(tmp_path / "q")]) == 0
+    assert from_results == json.loads((tmp_path / "q" / "selection.json").read_text())["image_ids"]

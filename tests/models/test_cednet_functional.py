@@ -186,7 +186,7 @@ def test_lightweight_decoder_fusion_by_hand(nano: CEDNet) -> None:
 
 def test_whole_forward_by_hand(nano: CEDNet) -> None:
     """stem -> P2 -> [encoder(c3) -> lightweight decoder] -> encoder(c3) -> head, all written out."""
-    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     stem = nano.stem
     y = _gelu(
         _ln_channels(

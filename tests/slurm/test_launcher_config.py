@@ -160,3 +160,29 @@ def test_cluster_tooling_reports_why_it_cannot_start(tmp_path: Path) -> None:
             assert proc.returncode == 0 and proc.stdout.startswith("already-running"), proc.stderr
         else:
             assert proc.returncode == 2 and "cannot start slurm: must run as root" in proc.stderr, proc.stderr
+
+
+def test_readme_imagenet_4x8_command_composes(make_cfg: Callable[..., DictConfig]) -> None:
+    """The overrides train.sbatch passes for the README's CEDNet-NeXt-T / ImageNet / 4 nodes x 8 GPUs job:
+    trainer=ddp wins over the recipe's trainer, 128 images per GPU = 4096 per step, lr 4e-3 (the recipe's)."""
+    from cednet_pl.lit.optim import resolve_lr
+
+    cfg = make_cfg(
+        "train",
+        [
+            "trainer=ddp",
+            "trainer.num_nodes=4",
+            "trainer.devices=8",
+            "+experiment=cls_t",
+            "data.root=/datasets/imagenet",
+            "data.batch_size=128",
+        ],
+        fast=False,
+    )
+    t = cfg.trainer
+    assert (t.strategy, t.accelerator, t.devices, t.num_nodes, t.max_epochs) == ("ddp", "gpu", 8, 4, 300)
+    assert cfg.model.net.name == "cednet_next_tiny"
+    global_batch = cfg.data.batch_size * t.devices * t.num_nodes * t.accumulate_grad_batches
+    assert global_batch == 4096
+    opt = cfg.model.optimizer
+    assert resolve_lr(opt.lr, opt.base_lr, opt.base_batch_size, global_batch) == pytest.approx(4e-3)

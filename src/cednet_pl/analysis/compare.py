@@ -12,8 +12,9 @@ quality file (written by the DetectionQuality callback, ``callbacks=analysis``) 
 4. write ``OUT/summary.json`` (files, checkpoints, region areas, timings).
 
 A and B are run directories (``<run>/analysis/quality_val.json`` + ``<run>/checkpoints/last.ckpt``, or the
-``ckpt`` of an evaluation run's ``metrics.json``) or quality files (checkpoint from ``--ckpt-a``/``--ckpt-b`` or
-the ``run_dir`` the file records). Example::
+``ckpt`` of an evaluation run's ``metrics.json``), quality files (checkpoint from ``--ckpt-a``/``--ckpt-b`` or
+the ``run_dir`` the file records) or COCO results JSONs (scored on every image of ``--ann-file``; checkpoints
+from ``--ckpt-a``/``--ckpt-b``). Example::
 
     cednet-compare logs/det_demo/runs/<cednet> logs/det_demo_convnext/runs/<convnext> --k 50 --out compare/
 """
@@ -35,7 +36,7 @@ import torch
 
 from cednet_pl.analysis.detector import gradient_pass, image_index
 from cednet_pl.analysis.plots import plot_area_curves, save_comparison_panel
-from cednet_pl.analysis.quality import QualityReport, read_quality
+from cednet_pl.analysis.quality import QualityReport, quality_from_coco, read_quality
 from cednet_pl.analysis.regions import (
     CHANNEL_REDUCTIONS,
     NORMALIZATIONS,
@@ -83,8 +84,17 @@ def _ckpt_of_run(run_dir: Path) -> Path | None:
     return None
 
 
-def resolve_run(path: str | Path, ckpt: str | Path | None, role: str) -> RunInput:
-    """Quality report + checkpoint of a run dir or a quality file (``role`` is ``A`` or ``B`` for messages)."""
+def resolve_run(
+    path: str | Path,
+    ckpt: str | Path | None,
+    role: str,
+    ann_file: str | None = None,
+    image_root: str | None = None,
+) -> RunInput:
+    """Quality report + checkpoint of a run dir, a quality file or a COCO results file (with ``ann_file``).
+
+    ``role`` (``A`` or ``B``) names the side in error messages.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         qfile = path / "analysis" / QUALITY_NAME
@@ -95,6 +105,13 @@ def resolve_run(path: str | Path, ckpt: str | Path | None, role: str) -> RunInpu
             )
         quality = read_quality(qfile)
         found = _ckpt_of_run(path)
+    elif path.is_file() and path.read_text()[:64].lstrip().startswith("["):
+        if not ann_file:
+            raise ValueError(
+                f"model {role}: {path} is a COCO results file; pass --ann-file (and --image-root)"
+            )
+        quality = quality_from_coco(ann_file, path, image_root=image_root)
+        found = None
     elif path.is_file():
         quality = read_quality(path)
         run_dir = quality.meta.get("run_dir")
@@ -162,8 +179,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run the comparison described in the module docstring; returns the summary."""
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    a = resolve_run(args.a, args.ckpt_a, "A")
-    b = resolve_run(args.b, args.ckpt_b, "B")
+    a = resolve_run(args.a, args.ckpt_a, "A", args.ann_file, args.image_root)
+    b = resolve_run(args.b, args.ckpt_b, "B", args.ann_file, args.image_root)
     name_a, name_b = args.name_a or a.name, args.name_b or b.name
     if name_a == name_b:
         name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
@@ -308,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Top-K images where detector A beats B, their input-gradient important regions (Figure A2) "
         "and side-by-side panels (Figure A1).",
     )
-    p.add_argument("a", help="model A (expected better): run dir or per-image quality file")
-    p.add_argument("b", help="model B: run dir or per-image quality file")
+    p.add_argument(
+        "a", help="model A (expected better): run dir, per-image quality file or COCO results JSON"
+    )
+    p.add_argument("b", help="model B: run dir, per-image quality file or COCO results JSON")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ckpt-a", help="checkpoint of A (default: <run>/checkpoints/last.ckpt)")
     p.add_argument("--ckpt-b", help="checkpoint of B")

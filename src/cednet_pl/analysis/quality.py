@@ -301,7 +301,7 @@ def compute_quality(
     anns = [a for a in annotations if int(a["image_id"]) in slot and not a.get("iscrowd", 0)]
     dets = [r for r in detections if int(r["image_id"]) in slot and float(r["score"]) >= score_thresh]
 
-    # Detections: grouped by image (stable, so the input order survives within an image).
+    # Detections: their image slots; max_dets keeps the highest scores of each image (input order on ties).
     det_img = np.array([slot[int(r["image_id"])] for r in dets], dtype=np.int64)
     det_score = np.array([float(r["score"]) for r in dets], dtype=np.float64)
     if max_dets is not None and len(dets):
@@ -318,29 +318,28 @@ def compute_quality(
     ann_img = np.array([slot[int(a["image_id"])] for a in anns], dtype=np.int64)
     ann_cat = np.array([int(a["category_id"]) for a in anns], dtype=np.int64)
     if class_agnostic:
-        det_key, ann_key, num_keys = det_img, ann_img, len(images)
+        det_key, ann_key = det_img, ann_img
     else:
         cats, dense = np.unique(np.concatenate([det_cat, ann_cat]), return_inverse=True)
         det_key = det_img * len(cats) + dense[: len(dets)]
         ann_key = ann_img * len(cats) + dense[len(dets) :]
-        num_keys = len(images) * len(cats)
     order = np.argsort(det_key, kind="stable")
     dets = [dets[i] for i in order]
     det_key, det_score, det_cat = det_key[order], det_score[order], det_cat[order]
     det_xywh = torch.tensor([r["bbox"] for r in dets], dtype=torch.float64).reshape(-1, 4)
-    per_key = np.bincount(det_key, minlength=num_keys)
-    key_start = np.cumsum(per_key) - per_key
 
     # Objects: in image order, then annotation order.
     ann_order = np.argsort(ann_img, kind="stable")
     anns = [anns[i] for i in ann_order]
     ann_img, ann_key, ann_cat = ann_img[ann_order], ann_key[ann_order], ann_cat[ann_order]
     gt_xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
+    first = np.searchsorted(det_key, ann_key, side="left").astype(np.int64)
+    last = np.searchsorted(det_key, ann_key, side="right").astype(np.int64)
     iou, conf, index = _match_segments(
         _xywh_to_xyxy(gt_xywh),
         torch.from_numpy(ann_cat),
-        torch.from_numpy(key_start[ann_key]),
-        torch.from_numpy(per_key[ann_key]),
+        torch.from_numpy(first),
+        torch.from_numpy(last - first),
         _xywh_to_xyxy(det_xywh),
         torch.from_numpy(det_score),
         torch.from_numpy(det_cat),

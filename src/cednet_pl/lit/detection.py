@@ -237,6 +237,7 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+        # NOTE: when a fit resumes, the checkpoint restored after setup overwrites these weights
         if stage == "fit" and self.pretrained:
             self._load_pretrained(self.pretrained)
 

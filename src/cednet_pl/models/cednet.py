@@ -43,7 +43,7 @@ from timm.models import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cednet_pl.models.blocks import BlockFamily, get_family
+from cednet_pl.models.blocks import BlockFamily, PointwiseConv2d, get_family
 
 __all__ = [
     "DECODERS",
@@ -167,7 +167,7 @@ class CEDNetDecoder(nn.Module):
         rates = iter(drop_path_rates)
         levels = (1, 0)  # top-down: c4 first, then c3
         self.decoder_upsample = nn.ModuleList(
-            [nn.Sequential(nn.Conv2d(dims[lvl + 1], dims[lvl], kernel_size=1)) for lvl in levels]
+            [nn.Sequential(PointwiseConv2d(dims[lvl + 1], dims[lvl])) for lvl in levels]
         )
         self.decoder_norm = nn.ModuleList([family.norm2d(dims[lvl]) for lvl in levels])
         lateral, decoder = [], []
@@ -322,9 +322,7 @@ class CEDNet(nn.Module):
         n_heads = num_stages if with_heads else 0
         self.final_layers = nn.ModuleList(
             [
-                nn.Sequential(
-                    nn.Conv2d(dims[2], head_hidden, kernel_size=1), fam.norm2d(head_hidden), fam.act()
-                )
+                nn.Sequential(PointwiseConv2d(dims[2], head_hidden), fam.norm2d(head_hidden), fam.act())
                 for _ in range(n_heads)
             ]
         )
