@@ -1,4 +1,4 @@
-"""Callbacks injected into test jobs (`+callbacks.slow._target_=slurm_callbacks.SlowFirstRun`, PYTHONPATH=tests/slurm)."""
+"""Callbacks injected into test jobs (`+callbacks.slow._target_=slurm_callbacks.SlowUntilRestart`, PYTHONPATH=tests/slurm)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ from typing import Any
 import lightning as L
 
 
-class SlowFirstRun(L.Callback):
-    """Sleep after every training batch of a Slurm job's first run (restart count 0), none after a requeue.
+class SlowUntilRestart(L.Callback):
+    """Sleep after every training batch until the job has been requeued `restarts` times (SLURM_RESTART_COUNT).
 
-    Injected with `+callbacks.slow._target_=slurm_callbacks.SlowFirstRun`; gives a test time to requeue or signal
-    the job in the middle of training.
+    Gives a test time to signal or requeue the job in the middle of training; the last run goes at full speed.
 
     Args:
         seconds: Sleep per training batch.
+        restarts: Stop sleeping from this restart count on.
     """
 
-    def __init__(self, seconds: float = 1.0):
+    def __init__(self, seconds: float = 1.0, restarts: int = 1):
         self.seconds = float(seconds)
+        self.restarts = int(restarts)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) < self.restarts:
             time.sleep(self.seconds)

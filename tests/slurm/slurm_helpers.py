@@ -104,10 +104,10 @@ class SlurmCluster:
             time.sleep(poll)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def requeue(self, job: str) -> None:
-        """`scontrol requeue JOB`, then release the requeued job at once (skips the cred_expire hold)."""
+    def requeue(self, job: str, restarts: int = 1) -> None:
+        """`scontrol requeue JOB` (its `restarts`-th requeue), then release it at once (skips the cred_expire hold)."""
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
-        self.release_requeued(job)
+        self.release_requeued(job, restarts)
 
     def release_requeued(self, job: str, restarts: int = 1, timeout: float = 120.0) -> None:
         """Once the job has been requeued `restarts` times, let it start now (skips cred_expire + scheduler pass)."""

@@ -47,21 +47,11 @@ def _epochs_done(text: str) -> list[tuple[int, int]]:
     return [(int(e), int(g)) for e, g in re.findall(r"epoch (\d+) done: global_step (\d+)", text)]
 
 
-def _assert_continued(log: str, epochs: int, steps_per_epoch: int) -> tuple[str, str]:
-    """Both runs of a requeued job: the second starts where the first's last checkpoint left off, and every epoch
-    finishes exactly once with the planned global step. Returns (first run, second run) log text."""
-    runs = _segments(log)
-    assert sorted(runs) == [0, 1], f"expected one first run and one requeued run, got restarts {sorted(runs)}"
-    first, second = runs[0], runs[1]
-    assert _fit_starts(first)[0][:2] == (0, 0)
-    done_first = _epochs_done(first)
-    assert done_first, "the first run finished no epoch before the requeue"
-    resumed = _fit_starts(second)
-    assert len(resumed) == 1, resumed
-    done = done_first + _epochs_done(second)
+def _assert_epochs_once(runs: dict[int, str], epochs: int, steps_per_epoch: int) -> None:
+    """Across all runs of a requeued job, every epoch finished exactly once, in order, at its planned global step."""
+    done = [d for restart in sorted(runs) for d in _epochs_done(runs[restart])]
     assert [e for e, _ in done] == list(range(epochs)), f"epochs finished (in order): {done}"
     assert [g for _, g in done] == [steps_per_epoch * (e + 1) for e in range(epochs)], done
-    return first, second
 
 
 def test_sbatch_ddp_two_ranks_matches_single_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -131,8 +121,17 @@ def test_sbatch_ddp_two_ranks_matches_single_process(slurm_cluster: SlurmCluster
     assert d["val/acc1"] * N_VAL == pytest.approx(round(d["val/acc1"] * N_VAL), abs=1e-3)
 
 
-def _requeue_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> tuple[str, Path, dict[str, str]]:
-    """Submit a 3-epoch job whose first run is slowed down (1.5 s per batch); wait until epoch 0 is saved."""
+def test_preemption_signal_and_requeue_resume_without_repeating(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """One job, requeued twice, continues each time from its newest checkpoint and trains every epoch once.
+
+    1. SIGUSR1 in the middle of epoch 1 (what `--signal=SIGUSR1@90` sends before the time limit): Lightning, the
+       requeue owner, saves hpc_ckpt_1.ckpt and runs `scontrol requeue`; the rerun resumes from it mid-epoch.
+    2. `scontrol requeue` (preemption, admin) during epoch 2 of the rerun: no signal, no hpc checkpoint; the third
+       run resumes from checkpoints/last.ckpt (end of epoch 1, newer than hpc_ckpt_1.ckpt).
+    Same job id each time, hence the same run dir; runs 0 and 1 are slowed to 1.5 s per batch.
+    """
     env = job_env(tmp_path, {"PYTHONPATH": str(Path(__file__).parent)})
     job = slurm_cluster.sbatch(
         [
@@ -143,62 +142,47 @@ def _requeue_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> tuple[str, Path
             "data.batch_size=16",
             *TINY_TRAIN,
             "trainer.max_epochs=3",
-            "+callbacks.slow._target_=slurm_callbacks.SlowFirstRun",
+            "+callbacks.slow._target_=slurm_callbacks.SlowUntilRestart",
             "+callbacks.slow.seconds=1.5",
+            "+callbacks.slow.restarts=2",
         ],
         cwd=tmp_path,
         env=env,
     )
     out = tmp_path / f"slurm-{job}.out"
-    slurm_cluster.wait_for(
-        lambda: out.exists() and "epoch 0 done" in out.read_text(),
-        f"job {job} to finish epoch 0",
-        timeout=300,
-    )
-    return job, out, env
 
+    def run_log(restart: int) -> str:
+        return _segments(out.read_text()).get(restart, "") if out.exists() else ""
 
-def test_scontrol_requeue_resumes_from_last_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """`scontrol requeue` of a running job: the rerun (same job id, same run dir) continues from last.ckpt."""
-    job, out, _ = _requeue_job(slurm_cluster, tmp_path)
-    slurm_cluster.requeue(job)
-    state = slurm_cluster.wait(job)
-    log = out.read_text()
-    assert state == "COMPLETED", f"job {job} ended {state}:\n{log[-4000:]}"
-    assert slurm_cluster.field(job, "Restarts") == "1"
-    assert "DUE TO JOB REQUEUE" in log
-
-    first, second = _assert_continued(log, epochs=3, steps_per_epoch=4)
-    run_dir = tmp_path / "logs" / "train" / "runs" / f"slurm-{job}"
-    epoch, step, ckpt = _fit_starts(second)[0]
-    assert ckpt == str(run_dir / "checkpoints" / "last.ckpt")
-    assert (epoch, step) == (_epochs_done(first)[-1][0] + 1, _epochs_done(first)[-1][1])
-    assert _run_dirs(tmp_path) == [run_dir]
-    metrics = _metrics(run_dir)
-    assert (metrics["global_step"], metrics["epochs"]) == (12, 3)
-    assert metrics["resumed_from"] == ckpt
-
-
-def test_usr1_preemption_saves_hpc_checkpoint_and_requeues(
-    slurm_cluster: SlurmCluster, tmp_path: Path
-) -> None:
-    """The time-limit/preemption signal (SIGUSR1, as `--signal=SIGUSR1@90` sends it) makes Lightning, the requeue
-    owner, save hpc_ckpt_1.ckpt mid-epoch and requeue the job; the rerun resumes from it and no step is repeated."""
-    job, out, _ = _requeue_job(slurm_cluster, tmp_path)
+    slurm_cluster.wait_for(lambda: "epoch 0 done" in run_log(0), f"job {job} to finish epoch 0", timeout=300)
     time.sleep(2.0)  # about one 1.5 s batch into epoch 1: the signal lands mid-epoch
     subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-    slurm_cluster.release_requeued(job)
+    slurm_cluster.release_requeued(job, restarts=1)
+    slurm_cluster.wait_for(
+        lambda: "epoch 1 done" in run_log(1), f"job {job} rerun to finish epoch 1", timeout=300
+    )
+    slurm_cluster.requeue(job, restarts=2)
     state = slurm_cluster.wait(job)
     log = out.read_text()
     assert state == "COMPLETED", f"job {job} ended {state}:\n{log[-4000:]}"
-    assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job}" in log
+    assert slurm_cluster.field(job, "Restarts") == "2"
 
-    _, second = _assert_continued(log, epochs=3, steps_per_epoch=4)
+    runs = _segments(log)
+    assert sorted(runs) == [0, 1, 2], f"runs by restart count: {sorted(runs)}"
+    assert "Handling auto-requeue signal" in runs[0] and f"Requeued SLURM job: {job}" in runs[0]
+    assert "DUE TO JOB REQUEUE" in runs[1]
     run_dir = tmp_path / "logs" / "train" / "runs" / f"slurm-{job}"
-    assert _fit_starts(second)[0][2] == str(run_dir / "hpc_ckpt_1.ckpt")
+    starts = [_fit_starts(runs[r]) for r in (0, 1, 2)]
+    assert starts[0] == [(0, 0, "-")]
+    ((epoch, step, ckpt),) = starts[1]
+    assert ckpt == str(run_dir / "hpc_ckpt_1.ckpt") and epoch == 1 and 4 <= step < 8, starts[1]
+    assert starts[2] == [(2, 8, str(run_dir / "checkpoints" / "last.ckpt"))]
+    _assert_epochs_once(runs, epochs=3, steps_per_epoch=4)
+
     assert _run_dirs(tmp_path) == [run_dir]
     metrics = _metrics(run_dir)
     assert (metrics["global_step"], metrics["epochs"]) == (12, 3)
+    assert metrics["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
 
 
 def test_submitit_launcher_one_job_per_run(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
