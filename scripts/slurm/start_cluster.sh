@@ -11,7 +11,8 @@
 #   SLURM_LOCAL_CPUS   CPUs declared for the node (default: max(4, nproc); more than the hardware is allowed,
 #                      SlurmdParameters=config_overrides keeps the node from draining over it)
 # Exit status: 0 cluster up (first stdout line "started" or "already-running"); 2 cannot run here (not root,
-# no apt-get, packages unavailable); the reason is printed on stderr as "cannot start slurm: <reason>";
+# no apt-get, packages unavailable, an /etc/slurm/slurm.conf this script did not write); the reason is printed on
+# stderr as "cannot start slurm: <reason>";
 # 1 any other failure (daemon logs are in /var/log/slurm/).
 set -euo pipefail
 
@@ -19,7 +20,7 @@ KEEP_STATE=0
 for arg in "$@"; do
   case "$arg" in
     --keep-state) KEEP_STATE=1 ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "start_cluster.sh: unknown argument '$arg' (expected --keep-state)" >&2; exit 1 ;;
   esac
 done
@@ -33,11 +34,17 @@ CONF=/etc/slurm/slurm.conf
 MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=/run/slurmctld.pid
 SLURMD_PID=/run/slurmd.pid
+HEADER="# Written by cednet-pl scripts/slurm/start_cluster.sh"
 
 # a daemon is up when its pid file names a live, non-zombie process (readable by any user, unlike kill -0)
 alive() { [ -s "$1" ] && [ -d "/proc/$(cat "$1")" ] && ! grep -q '^State:.*Z' "/proc/$(cat "$1")/status" 2>/dev/null; }
 
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null | head -1; }
+
+# never use or touch a real Slurm installation: only a conf written by this script counts
+if [ -e "$CONF" ] && ! grep -q "^$HEADER" "$CONF"; then
+  cannot "$CONF exists and was not written by scripts/slurm/start_cluster.sh (a real Slurm installation?); not touching it"
+fi
 
 if alive "$MUNGE_PID" && alive "$CTLD_PID" && alive "$SLURMD_PID"; then
   case "$(node_state)" in
@@ -77,7 +84,7 @@ fi
 # cred_expire=10 and sched/bf_interval=2 let a requeued job start again after ~12 s instead of minutes;
 # more CPUs than the hardware (config_overrides) so that 2-4 task jobs and a test's second job can be scheduled.
 cat >"$CONF" <<CONF
-# Written by cednet-pl scripts/slurm/start_cluster.sh: one-node test cluster.
+${HEADER}: one-node test cluster.
 ClusterName=cednet-local
 SlurmctldHost=${NODE}(127.0.0.1)
 SlurmUser=slurm

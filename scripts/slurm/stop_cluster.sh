@@ -2,6 +2,9 @@
 # Stop the one-node Slurm cluster started by scripts/slurm/start_cluster.sh, by the daemons' pid files
 # (never by process name). Waits up to 15 s for each daemon to exit.
 #
+# Refuses (exit 2) when /etc/slurm/slurm.conf was not written by start_cluster.sh: a real installation's daemons
+# are never stopped.
+#
 # Usage: scripts/slurm/stop_cluster.sh [--purge]
 #   --purge   also wipe /var/spool/slurmctld and /var/spool/slurmd (forget jobs; job ids restart at 1)
 set -uo pipefail
@@ -10,10 +13,16 @@ PURGE=0
 for arg in "$@"; do
   case "$arg" in
     --purge) PURGE=1 ;;
-    -h | --help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "stop_cluster.sh: unknown argument '$arg' (expected --purge)" >&2; exit 1 ;;
   esac
 done
+
+CONF=/etc/slurm/slurm.conf
+if [ -e "$CONF" ] && ! grep -q "^# Written by cednet-pl scripts/slurm/start_cluster.sh" "$CONF"; then
+  echo "stop_cluster.sh: $CONF was not written by scripts/slurm/start_cluster.sh; not stopping a real Slurm" >&2
+  exit 2
+fi
 
 # A process counts as gone once it no longer exists or is a zombie (PID 1 may reap exited daemons late).
 running() { [ -d "/proc/$1" ] && ! grep -q '^State:.*Z' "/proc/$1/status" 2>/dev/null; }

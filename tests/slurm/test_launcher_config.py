@@ -186,3 +186,21 @@ def test_readme_imagenet_4x8_command_composes(make_cfg: Callable[..., DictConfig
     assert global_batch == 4096
     opt = cfg.model.optimizer
     assert resolve_lr(opt.lr, opt.base_lr, opt.base_batch_size, global_batch) == pytest.approx(4e-3)
+
+
+def test_cluster_scripts_refuse_a_real_slurm_installation(tmp_path: Path) -> None:
+    """start/stop_cluster.sh never use, rewrite or stop a Slurm whose slurm.conf they did not write.
+
+    Runs copies of the scripts whose CONF points at a foreign slurm.conf under tmp_path (the check comes first).
+    """
+    foreign = tmp_path / "slurm.conf"
+    foreign.write_text("ClusterName=production\nSlurmctldHost=head01\n")
+    for script in ("start_cluster.sh", "stop_cluster.sh"):
+        text = (SLURM_SCRIPTS / script).read_text()
+        assert text.count("CONF=/etc/slurm/slurm.conf\n") == 1, script
+        copy = tmp_path / script
+        copy.write_text(text.replace("CONF=/etc/slurm/slurm.conf\n", f"CONF={foreign}\n"))
+        proc = subprocess.run(["bash", str(copy)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (script, proc.stdout, proc.stderr)
+        assert "not written by scripts/slurm/start_cluster.sh" in proc.stderr, proc.stderr
+    assert foreign.read_text() == "ClusterName=production\nSlurmctldHost=head01\n"

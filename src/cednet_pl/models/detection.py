@@ -18,9 +18,10 @@ One pass, losses and detections (:meth:`RetinaNetDetector.forward_with_loss`)::
     sum(losses.values()).backward()                # d loss / d original pixels in images[i].grad
 
 It runs transform (normalise, resize, pad) -> backbone -> head -> anchors, then both ``compute_loss``
-(against the targets, resized with the images) and ``postprocess_detections`` + ``transform.postprocess``
-(detections in original coordinates, detached). Every step up to the loss is differentiable with
-respect to the input tensors, including the resize.
+(against the targets, resized with the images) and ``postprocess_detections`` (score threshold, top-k,
+NMS) with the boxes mapped back to original coordinates (detached). Every step up to the loss is
+differentiable with respect to the input tensors, including the resize. Losses and box decoding run in
+float32 even under autocast.
 
 Resizing: the detector's transform resizes only at inference (shorter side ``min_size``, longer <=
 ``max_size``, padded to ``size_divisible``); training images come already sized by the data pipeline
