@@ -216,8 +216,15 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
         "+trainer.limit_val_batches=1",
     ]
     overrides = [o for o in overrides if o != "+trainer.limit_val_batches=2"]
-    full_cfg = compose_config("train", overrides, tmp_path / "full")
+    # "best" = lowest epoch: epoch 1 is not the best, yet last.ckpt must hold epoch 1
+    full_cfg = compose_config(
+        "train", [*overrides, "monitor=epoch", "monitor_mode=min"], tmp_path / "full"
+    )
     full, _ = train(full_cfg)
+    full_dir = Path(full_cfg.paths.output_dir)
+    assert Path(_metrics(full_dir)["best_model_path"]).name == "epoch_000.ckpt"
+    last = torch.load(full_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (1, 4)
 
     cfg = compose_config("train", overrides, tmp_path / "resumed")
     with monkeypatch.context() as m:

@@ -33,6 +33,7 @@ from cednet_pl.utils import (
     resolve_ckpt_path,
     write_metrics,
 )
+from cednet_pl.utils.checkpoint import checkpoint_dir
 from cednet_pl.utils.distributed import DistributedRunReport, add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
@@ -127,7 +128,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if trainer.checkpoint_callback is not None:
             best = trainer.checkpoint_callback.best_model_path
             extra["best_model_path"] = best or None
-            extra["last_model_path"] = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
+            last = checkpoint_dir(output_dir) / "last.ckpt"
+            extra["last_model_path"] = str(last) if last.is_file() else None
             score = trainer.checkpoint_callback.best_model_score
             extra["best_model_score"] = float(score) if score is not None else None
     if cfg.get("test", False):

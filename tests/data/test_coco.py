@@ -147,3 +147,29 @@ def test_lsj_and_copy_paste_give_valid_fixed_size_samples(tmp_path):
             and float(boxes.min()) >= 0
             and float(boxes.max()) <= size
         )
+
+
+def test_copy_paste_updates_occluded_boxes_and_drops_hidden_objects():
+    from torchvision import tv_tensors
+
+    from cednet_pl.data.det_transforms import copy_paste
+
+    def sample(rects, labels, value):
+        masks = torch.zeros(len(rects), 20, 20, dtype=torch.uint8)
+        for m, (x0, y0, x1, y1) in zip(masks, rects, strict=True):
+            m[y0:y1, x0:x1] = 1
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(rects, dtype=torch.float32), format="XYXY", canvas_size=(20, 20)
+        )
+        image = tv_tensors.Image(torch.full((3, 20, 20), value, dtype=torch.uint8))
+        return image, {"boxes": boxes, "labels": torch.tensor(labels), "masks": tv_tensors.Mask(masks)}
+
+    base = sample([(0, 0, 10, 10), (12, 12, 16, 16)], [1, 2], 0)
+    src = sample([(5, 0, 20, 10), (11, 11, 17, 17)], [3, 4], 200)
+    # seed 1 pastes both source objects
+    image, target = copy_paste(*base, *src, max_objects=7, generator=torch.Generator().manual_seed(1))
+    boxes = {int(label): box.tolist() for label, box in zip(target["labels"], target["boxes"], strict=True)}
+    # the right half of object 1 is covered: its box shrinks to the visible part; object 2 is hidden: removed
+    assert boxes == {1: [0.0, 0.0, 5.0, 10.0], 3: [5.0, 0.0, 20.0, 10.0], 4: [11.0, 11.0, 17.0, 17.0]}
+    assert int(image[0, 5, 7]) == 200 and int(image[0, 5, 2]) == 0 and int(image[0, 18, 18]) == 0
+    assert len(target["masks"]) == len(target["labels"]) == len(target["boxes"])

@@ -59,9 +59,9 @@ def test_sbatch_ddp_two_ranks_matches_single_process(slurm_cluster: SlurmCluster
 
     Tolerance: the two runs see identical global batches (the epoch permutation is sharded rank-interleaved, see
     `EpochSeededDistributedSampler`) and DDP averages per-rank mean gradients, so they differ only by float32
-    summation order (measured: max |weight difference| 7e-7 after 8 AdamW steps, identical val/acc1, val/acc5 and
-    EMA accuracies, val/loss within 2e-6). Asserted: accuracies within one validation image (1/351), val/loss within
-    1e-4 relative.
+    summation order (measured: max |weight difference| 7.6e-7 after 8 AdamW steps; val/acc1, val/acc5, stage and EMA
+    accuracies identical; val/loss equal to 7 significant digits). Asserted: accuracies within one validation image
+    (1/351; a tie could flip one prediction), val/loss within 1e-4 relative.
     """
     env = job_env(tmp_path)
     common = [*TINY_TRAIN, "trainer.max_epochs=2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +30,13 @@ class FiniteLossGuard(Callback):
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        last = None
-        for cb in trainer.checkpoint_callbacks:
-            last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
+        saved = [
+            Path(p)
+            for cb in trainer.checkpoint_callbacks
+            for p in (getattr(cb, "last_model_path", ""), getattr(cb, "best_model_path", ""))
+            if p and Path(p).is_file()
+        ]
+        last = max(saved, key=lambda p: p.stat().st_mtime) if saved else None
         where = f"global step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.fit_loop.batch_idx})"
         keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
         raise NonFiniteLossError(

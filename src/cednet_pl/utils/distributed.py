@@ -11,9 +11,9 @@ Three ways a multi-process run starts, all with `strategy: ddp` (configs `traine
 
 Lightning's `SLURMEnvironment` is the single requeue owner: `#SBATCH --signal=SIGUSR1@90` makes it save
 `hpc_ckpt_<n>.ckpt` in the run dir and `scontrol requeue` the job; submitit's own USR2 handler is never signalled
-(the launcher preset replaces submitit's `--signal`). A requeued job gets the same `SLURM_JOB_ID`, hence the same run
-dir (`hydra/default.yaml`), and resumes from the newest of `hpc_ckpt_*.ckpt` / `checkpoints/last.ckpt`
-(`ckpt_path: auto`).
+(the launcher preset replaces submitit's `--signal`). A requeued job keeps its `SLURM_JOB_ID` and its run dir
+(train.sbatch passes `hydra.run.dir=<log_dir>/<task>/runs/slurm-<jobid>`; a submitit job re-runs its pickled sweep
+config) and resumes from the newest of `hpc_ckpt_*.ckpt` / `checkpoints/last.ckpt` (`ckpt_path: auto`).
 """
 
 from __future__ import annotations
