@@ -217,9 +217,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
     ]
     overrides = [o for o in overrides if o != "+trainer.limit_val_batches=2"]
     # "best" = lowest epoch: epoch 1 is not the best, yet last.ckpt must hold epoch 1
-    full_cfg = compose_config(
-        "train", [*overrides, "monitor=epoch", "monitor_mode=min"], tmp_path / "full"
-    )
+    full_cfg = compose_config("train", [*overrides, "monitor=epoch", "monitor_mode=min"], tmp_path / "full")
     full, _ = train(full_cfg)
     full_dir = Path(full_cfg.paths.output_dir)
     assert Path(_metrics(full_dir)["best_model_path"]).name == "epoch_000.ckpt"

@@ -151,8 +151,19 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
             f"{path} is not a detector checkpoint: it holds a {task or 'non-detection'} model "
             f"({target or 'no cednet_config'}); cednet-compare needs checkpoints of detection runs (DetectionModule)"
         )
-    module = cls.load_from_checkpoint(str(path), map_location=device)
-    return module.eval()
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    try:
+        module = cls(**hparams)
+    except TypeError as err:
+        raise ValueError(f"{path}: its hyper_parameters do not rebuild {cls.__name__} ({err})") from err
+    module.on_load_checkpoint(ckpt)
+    result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit {cls.__name__}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return module.to(device).eval()
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:

@@ -157,26 +157,38 @@ def save_comparison_panel(
     return path
 
 
-def plot_area_curves(curves: Sequence[RegionCurve], path: str | Path, title: str | None = None) -> Path:
-    """Figure A2: mean important-region area fraction vs normalised threshold, one line per model."""
+def plot_area_curves(
+    curves: Sequence[RegionCurve], path: str | Path, title: str | None = None, log_panel: bool = True
+) -> Path:
+    """Figure A2: mean important-region area fraction vs normalised threshold, one line per model.
+
+    With ``log_panel`` a second panel shows the same curves on a logarithmic area axis: gradient maps are
+    peaked, so most of a linear plot sits near zero area once ``t`` exceeds a few percent of the maximum.
+    """
     if not curves:
         raise ValueError("plot_area_curves needs at least one curve")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(4.6, 3.6), dpi=150, layout="constrained")
-    ax = fig.subplots()
-    for c in curves:
-        ax.plot(c.thresholds, c.area_fraction, linewidth=1.8, label=f"{c.name} (area {c.auc:.3f})")
+    fig = Figure(figsize=(8.4 if log_panel else 4.6, 3.6), dpi=150, layout="constrained")
+    axes = fig.subplots(1, 2 if log_panel else 1, squeeze=False)[0]
     norms = {c.normalize for c in curves}
     xlabel = "gradient threshold t (map / its max)" if norms == {"image"} else "gradient threshold t"
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("important-region area (fraction of image)")
-    if norms <= {"image", "global"}:
-        ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    positive = [v for c in curves for v in c.area_fraction if v > 0]
+    for k, ax in enumerate(axes):
+        for c in curves:
+            ax.plot(c.thresholds, c.area_fraction, linewidth=1.8, label=f"{c.name} (area {c.auc:.4f})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("important-region area (fraction of image)")
+        if norms <= {"image", "global"}:
+            ax.set_xlim(0.0, 1.0)
+        if k == 0:
+            ax.set_ylim(0.0, 1.0)
+        else:
+            ax.set_yscale("log")
+            ax.set_ylim(max(min(positive, default=1e-6) * 0.5, 1e-7), 1.0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     n = {len(c.image_ids) for c in curves}
-    ax.set_title(title or f"important regions over {'/'.join(map(str, sorted(n)))} images", fontsize=9)
+    fig.suptitle(title or f"important regions over {'/'.join(map(str, sorted(n)))} images", fontsize=9)
     fig.savefig(path)
     return path
