@@ -39,9 +39,9 @@ def two_runs(tmp_path_factory, tiny):
 def test_compare_end_to_end(two_runs, capsys):
     base, (run_a, run_b) = two_runs
     out = base / "out"
-    code = main(
-        [str(run_a), str(run_b), "--k", "3", "--panels", "2", "--out", str(out), "--num-thresholds", "21"]
-    )
+    extra = f"third={run_a / 'checkpoints' / 'last.ckpt'}"
+    args = [str(run_a), str(run_b), "--k", "3", "--panels", "2", "--out", str(out), "--num-thresholds", "21"]
+    code = main([*args, "--model", extra])
     assert code == 0, capsys.readouterr().err
     qa, qb = (
         read_quality(run_a / "analysis" / "quality_val.json"),
@@ -59,7 +59,9 @@ def test_compare_end_to_end(two_runs, capsys):
     assert (out / "area_curves.png").stat().st_size > 1000
     assert len(list((out / "panels").glob("*.png"))) == 2
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_images"] == 3 and len(summary["models"]) == 2
+    assert summary["num_images"] == 3 and [m["name"] for m in summary["models"]] == [*names, "third"]
+    # the third model is A's checkpoint again: the same curve
+    assert read_curve(out / "regions" / "third.json").area_fraction == pytest.approx(curves[0].area_fraction)
 
 
 def test_compare_bad_inputs(two_runs, tmp_path, capsys):

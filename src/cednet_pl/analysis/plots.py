@@ -65,14 +65,16 @@ def draw_detections(
         ax.add_patch(Rectangle((x, y), bw, bh, fill=False, edgecolor=DET_COLOR, linewidth=1.5))
         # NOTE: the label goes above the box, or below it when the box touches the top edge.
         above = y > 2.0 * fontsize
+        # NOTE: near the right edge the label is right-aligned with the box so it stays inside the image.
+        right = x > 0.7 * w
         ax.text(
-            x,
+            x + bw if right else x,
             y - 1.0 if above else y + bh + 1.0,
             f"({o.iou:.2f}, {o.conf:.2f})",
             color="white",
             fontsize=fontsize,
             va="bottom" if above else "top",
-            ha="left",
+            ha="right" if right else "left",
             bbox={"facecolor": DET_COLOR, "alpha": 0.75, "pad": 1.0, "linewidth": 0},
             clip_on=True,
         )

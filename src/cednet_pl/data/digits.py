@@ -113,7 +113,7 @@ class DigitsDataModule(L.LightningDataModule):
     def __init__(
         self,
         image_size: int = 64,
-        batch_size: int = 64,
+        batch_size: int = 32,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.2,
         split_seed: int = 0,
