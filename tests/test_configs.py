@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import cednet_pl  # noqa: F401
 from cednet_pl.train import train
 from cednet_pl.utils.run import CONF_DIR
-from conftest import make_image_folder
+from testlib import make_image_folder
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("cls_*.yaml"))
 IN1K_EXPERIMENTS = [e for e in EXPERIMENTS if e != "cls_digits"]

@@ -17,7 +17,7 @@ from cednet_pl.eval import evaluate
 from cednet_pl.train import train
 from cednet_pl.utils import NonFiniteLossError, lightning_to_state_dict
 from cednet_pl.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
-from conftest import compose_config
+from testlib import compose_config
 
 #: a tiny but complete digits run: 2 train batches, 2 val batches, 32x32 images
 TINY = [

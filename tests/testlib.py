@@ -1,0 +1,48 @@
+"""Shared test helpers (importable as `testlib`: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from cednet_pl.utils.run import CONF_DIR
+
+#: Overrides that make any composed run small and quiet on a CPU-only machine.
+FAST_OVERRIDES = ["trainer=cpu", "logger=none", "extras.print_config=false", "data.num_workers=0"]
+
+
+def compose_config(config_name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose `config_name` with `overrides`, route every output dir to `tmp_path` and register HydraConfig."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    out = tmp_path / "run"
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(out)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.runtime.cwd = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: int = 40) -> Path:
+    """Write a tiny ImageFolder dataset (train/ and val/) of random JPEGs."""
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = torch.randint(0, 256, (size, size + 8, 3), generator=gen, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(d / f"img_{i}.JPEG", quality=90)
+    return root
