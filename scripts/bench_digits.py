@@ -7,6 +7,9 @@ Usage::
 
     python scripts/bench_digits.py                      # the default run, in a temporary dir
     python scripts/bench_digits.py --workdir /tmp/bench trainer.max_epochs=8   # extra overrides go to cednet-train
+
+On a shared (oversubscribed) machine, OpenMP's default spin-waiting makes 2-thread CPU training several times
+slower; run with `OMP_WAIT_POLICY=PASSIVE` (or `OMP_NUM_THREADS=1`) there.
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# NOTE: before torch loads OpenMP: spin-waiting threads make CPU tests several times slower on a shared machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
