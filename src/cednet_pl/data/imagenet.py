@@ -20,13 +20,29 @@ from typing import Any
 
 import lightning as L
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cednet_pl.utils.data import current_epoch
 from cednet_pl.utils.distributed import exact_eval_sampler, train_sampler
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, also for 0 bits kept (all channels zero), which Pillow >= 12 refuses.
+
+    NOTE: `rand-m9-mstd0.5-inc1` samples magnitudes up to 10, where the increasing posterize keeps 0 bits; the
+    ConvNeXt recipe ran on a Pillow that accepted it, so the recipe needs this to not crash at random.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 class CorruptImageError(RuntimeError):
