@@ -123,7 +123,7 @@ def test_wrong_variant_fails_with_names(nano_file: Path) -> None:
         _load("cednet_next_tiny", nano_file)
     msg = str(err.value)
     assert "missing keys" in msg and "unexpected keys" in msg and "shape mismatch" in msg
-    assert "stem.3.weight: checkpoint (32, 32, 3, 3) vs model (96, 32, 3, 3)" in msg
+    assert "stem.3.weight: checkpoint (32, 16, 3, 3) vs model (96, 32, 3, 3)" in msg
 
 
 def test_truncated_file_names_the_file(tmp_path: Path, nano_file: Path) -> None:
@@ -166,7 +166,7 @@ def test_load_into_features_only_and_other_heads(nano_file: Path, nano_sd: dict[
     _assert_same(headless.state_dict(), nano_sd, [k for k in nano_sd if not k.startswith("heads.")])
 
     gray = _load(NANO, nano_file, in_chans=1)
-    assert gray.stem[0].weight.shape == (32, 1, 3, 3)
+    assert gray.stem[0].weight.shape == (16, 1, 3, 3)
 
 
 def test_filter_fn_is_strict_on_a_bare_state_dict(nano_sd: dict[str, torch.Tensor]) -> None:

@@ -24,14 +24,12 @@ single window (e.g. 7x7 at stride 32 for a 224 input) uses no shift, as the rele
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from cednet_pl.models.blocks import BlockFamily, LayerNorm2d, register_family
+from cednet_pl.models.blocks import BlockFamily, LayerNorm2d, dilated_dwconv2d, register_family
 
 __all__ = [
     "SHIFT_MASK_VALUE",
@@ -108,42 +106,6 @@ def shifted_window_mask(
     labels = window_partition(labels, window_size)[0, :, :, 0]  # (nW, N)
     same = labels[:, :, None] == labels[:, None, :]
     return torch.zeros(same.shape, device=device).masked_fill_(~same, SHIFT_MASK_VALUE)
-
-
-def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a depthwise, dilated, 'same'-padded conv, computed the fast way (same result).
-
-    CPU convolution kernels are slow for dilated depthwise convs. Two exact rewrites:
-
-    - small maps (a side <= dilation * (k // 2)): the outer taps only ever see zero padding, so the
-      kernel is cropped to the taps that can hit the map (a 7x7, dilation 3 conv on a 7x7 map is a
-      5x5 one);
-    - larger maps: "space to batch": the map is split into ``dilation**2`` interleaved sub-maps
-      (zero-padded to a multiple of the dilation) and the undilated kernel runs on each.
-
-    Args:
-        x: ``(B, C, H, W)`` input.
-        conv: ``nn.Conv2d`` with ``groups == in_channels == out_channels``, square odd kernel k, equal
-            dilation d in both directions and padding ``d * (k // 2)``, stride 1.
-
-    Returns:
-        ``(B, C, H, W)``, equal to ``conv(x)`` up to float rounding.
-    """
-    d, k = conv.dilation[0], conv.kernel_size[0]
-    r = k // 2
-    _, c, h, w = x.shape
-    rh, rw = min(r, math.ceil(h / d) - 1), min(r, math.ceil(w / d) - 1)
-    if rh < r or rw < r:
-        weight = conv.weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
-        return F.conv2d(x, weight, conv.bias, padding=(d * rh, d * rw), dilation=d, groups=c)
-    pad_b, pad_r = (-h) % d, (-w) % d
-    if pad_b or pad_r:
-        x = F.pad(x, (0, pad_r, 0, pad_b))
-    b, hs, ws = x.shape[0], (h + pad_b) // d, (w + pad_r) // d
-    x = x.reshape(b, c, hs, d, ws, d).permute(0, 3, 5, 1, 2, 4).reshape(b * d * d, c, hs, ws)
-    y = F.conv2d(x, conv.weight, conv.bias, padding=r, groups=c)
-    y = y.reshape(b, d, d, c, hs, ws).permute(0, 3, 4, 1, 5, 2).reshape(b, c, hs * d, ws * d)
-    return y[:, :, :h, :w]
 
 
 class WindowAttention(nn.Module):

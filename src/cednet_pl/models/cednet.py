@@ -722,7 +722,13 @@ def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:
 # the training config, not here (timm convention): T/S/B 0.1/0.4/0.5, res50 0.
 MODEL_ARGS: dict[str, dict[str, Any]] = {
     "cednet_next_nano": dict(
-        p2_dim=32, p2_block=1, dims=(48, 80, 128), blocks=(1, 1, 1), num_stages=2, head_hidden=256
+        stem_dim=16,
+        p2_dim=32,
+        p2_block=1,
+        dims=(48, 80, 128),
+        blocks=(1, 1, 1),
+        num_stages=2,
+        head_hidden=256,
     ),
     "cednet_next_tiny": dict(p2_dim=96, p2_block=3, dims=(192, 352, 512), blocks=(2, 4, 2), num_stages=3),
     "cednet_next_small": dict(p2_dim=96, p2_block=3, dims=(192, 352, 512), blocks=(2, 7, 2), num_stages=4),
@@ -755,7 +761,7 @@ def _build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> CEDNet:
 
 @register_model
 def cednet_next_nano(pretrained: bool = False, **kwargs: Any) -> CEDNet:
-    """Small NeXt CEDNet for CPU demos and tests (2 stages, dims 48/80/128, head 256)."""
+    """Small NeXt CEDNet for CPU demos and tests (stem 16, P2 32, 2 stages, dims 48/80/128, head 256)."""
     return _build("cednet_next_nano", pretrained, kwargs)
 
 
