@@ -199,14 +199,17 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         # NOTE: oneDNN's dilated depthwise conv is ~1.4x slower on channels_last than on NCHW (CPU only)
         x = x.contiguous() if x.device.type == "cpu" else x
         return F.conv2d(x, weight, conv.bias, padding=(d * rh, d * rw), dilation=d, groups=c)
+    # space to batch in NHWC (free for a channels_last input; the sub-maps stay channels_last, which oneDNN's
+    # depthwise conv prefers: 2-2.5x faster than the NCHW version at 25x25-32x32)
     pad_b, pad_r = (-h) % d, (-w) % d
+    xh = x.permute(0, 2, 3, 1)
     if pad_b or pad_r:
-        x = F.pad(x, (0, pad_r, 0, pad_b))
+        xh = F.pad(xh, (0, 0, 0, pad_r, 0, pad_b))
     b, hs, ws = x.shape[0], (h + pad_b) // d, (w + pad_r) // d
-    x = x.reshape(b, c, hs, d, ws, d).permute(0, 3, 5, 1, 2, 4).reshape(b * d * d, c, hs, ws)
-    y = F.conv2d(x, conv.weight, conv.bias, padding=r, groups=c)
-    y = y.reshape(b, d, d, c, hs, ws).permute(0, 3, 4, 1, 5, 2).reshape(b, c, hs * d, ws * d)
-    return y[:, :, :h, :w]
+    xs = xh.reshape(b, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5).reshape(b * d * d, hs, ws, c)
+    y = F.conv2d(xs.permute(0, 3, 1, 2), conv.weight, conv.bias, padding=r, groups=c).permute(0, 2, 3, 1)
+    y = y.reshape(b, d, d, hs, ws, c).permute(0, 3, 1, 4, 2, 5).reshape(b, hs * d, ws * d, c)
+    return y[:, :h, :w].permute(0, 3, 1, 2)
 
 
 def _layer_scale(dim: int, ls_init_value: float | None) -> nn.Parameter | None:
