@@ -12,13 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import cednet_pl  # noqa: F401  (registers the timm entry points)
-from cednet_pl.models.blocks import LayerNorm2d, get_family
+from cednet_pl.models.blocks import LayerNorm2d, PatchConv2d, PointwiseConv2d, dilated_dwconv2d, get_family
 from cednet_pl.models.blocks_resnet import Bottleneck, FocalBottleneck
 from cednet_pl.models.blocks_swin import (
     SHIFT_MASK_VALUE,
     SwinBlock,
     SwinFocalBlock,
-    dilated_dwconv2d,
     shifted_window_mask,
     window_partition,
     window_reverse,
@@ -221,6 +220,23 @@ def test_dilated_dwconv_fast_paths_equal_conv(size: tuple[int, int]) -> None:
     grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("size", [(7, 7), (8, 11), (28, 28)], ids=str)
+def test_matmul_convs_equal_conv2d(size: tuple[int, int], channels_last: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, *size)
+    x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    for conv in (PatchConv2d(8, 12, patch=2), PointwiseConv2d(8, 12)):
+        ref = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride)
+        out = conv(x)
+        torch.testing.assert_close(out, ref)
+        grads_ref = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
+        grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    assert set(PatchConv2d(8, 12).state_dict()) == set(nn.Conv2d(8, 12, 2, stride=2).state_dict())
 
 
 def test_swin_focal_block_branches() -> None:

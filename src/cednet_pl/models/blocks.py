@@ -64,6 +64,7 @@ __all__ = [
     "FocalNeXtBlock",
     "LayerNorm2d",
     "NeXtBlock",
+    "PatchConv2d",
     "PointwiseConv2d",
     "dilated_dwconv2d",
     "get_family",
@@ -169,6 +170,34 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
         return y.permute(0, 3, 1, 2)
+
+
+class PatchConv2d(nn.Conv2d):
+    """k x k conv with stride k and no padding (a downsample; same parameters and state_dict as ``nn.Conv2d``),
+    computed as a Linear over the k x k patches of the NHWC map.
+
+    On CPU, oneDNN's strided conv backward is ~30% slower than the matmul on the patch-unfolded map (2x2, stride 2
+    downsamples of CEDNet-T: 66 -> 46 ms at 8x192x28x28 -> 352). Rows/columns that do not fill a patch are dropped,
+    as the strided conv does. Same MAC count.
+
+    Args:
+        in_chs: Input channels.
+        out_chs: Output channels.
+        patch: Kernel size = stride.
+        bias: Learn a bias.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, patch: int = 2, bias: bool = True) -> None:
+        super().__init__(in_chs, out_chs, kernel_size=patch, stride=patch, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size[0]
+        b, c, h, w = x.shape
+        ho, wo = h // k, w // k
+        x = x.permute(0, 2, 3, 1)[:, : ho * k, : wo * k]
+        x = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
+        return F.linear(x, weight, self.bias).permute(0, 3, 1, 2)
 
 
 def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

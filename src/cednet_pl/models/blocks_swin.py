@@ -37,7 +37,6 @@ __all__ = [
     "SwinBlock",
     "SwinFocalBlock",
     "WindowAttention",
-    "dilated_dwconv2d",
     "relative_position_index",
     "shifted_window_mask",
     "window_partition",

@@ -43,7 +43,7 @@ from timm.models import (
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cednet_pl.models.blocks import BlockFamily, PointwiseConv2d, get_family
+from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
 
 __all__ = [
     "DECODERS",
@@ -73,9 +73,11 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool
 def _conv_norm(
     in_chs: int, out_chs: int, kernel_size: int, stride: int, family: BlockFamily, padding: int = 0
 ) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding), family.norm2d(out_chs)
-    )
+    if kernel_size == stride and padding == 0:
+        conv: nn.Conv2d = PatchConv2d(in_chs, out_chs, patch=kernel_size)
+    else:
+        conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding)
+    return nn.Sequential(conv, family.norm2d(out_chs))
 
 
 class CEDNetEncoder(nn.Module):
