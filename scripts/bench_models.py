@@ -174,6 +174,52 @@ def profile_step(
     return averages.table(sort_by=sort_by, row_limit=args.profile_rows)
 
 
+def op_type(key: str, shapes: list) -> str:
+    """Operator type of a profiler entry (CPU ops), for the per-type comparison of ``--op-types``."""
+    if key in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matrix multiplies"
+    if key in ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution"):
+        weight = shapes[2] if key == "aten::convolution_backward" else shapes[1]
+        return "depthwise convs" if len(weight) == 4 and weight[1] == 1 else "dense convs"
+    if "gelu" in key:
+        return "GELU"
+    if "layer_norm" in key:
+        return "LayerNorm"
+    if key in ("aten::copy_", "aten::clone"):
+        return "copies"
+    if key.split("::")[-1].rstrip("_") in ("add", "mul", "sum", "div") or "upsample" in key:
+        return "element-wise, upsampling"
+    return "other"
+
+
+def op_type_table(runners: list, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str) -> str:
+    """Profile one training step of every model; Markdown table of self CPU seconds per operator type."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_model = {}
+    for runner in runners:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            train_step(runner, x, y, device, amp)
+            _sync(device)
+            wall = time.perf_counter() - start
+        totals = {"whole step (profiled wall)": wall}
+        for e in prof.key_averages(group_by_input_shape=True):
+            kind = op_type(e.key, e.input_shapes)
+            totals[kind] = totals.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+        per_model[runner.name] = totals
+    names = [r.name for r in runners]
+    base = per_model[names[-1]]
+    lines = ["| operator type | " + " | ".join(f"{n} (s)" for n in names) + f" | ratio vs {names[-1]} |"]
+    lines.append("|---|" + "---:|" * (len(names) + 1))
+    first = per_model[names[0]]
+    for kind in sorted(first, key=lambda k: (k != "whole step (profiled wall)", -first[k])):
+        cells = " | ".join(f"{per_model[n].get(kind, 0.0):.3f}" for n in names)
+        ratio = f"{first[kind] / base[kind]:.2f}x" if base.get(kind) else "-"
+        lines.append(f"| {kind} | {cells} | {ratio} |")
+    return "\n".join(lines)
+
+
 def _fmt_mem(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
@@ -213,6 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-model", default=None, help="model to profile (default: the first one)")
     p.add_argument("--profile-rows", type=int, default=25)
     p.add_argument("--profile-shapes", action="store_true", help="group the profile by input shape")
+    p.add_argument(
+        "--op-types",
+        action="store_true",
+        help="profile one step of every model and print self CPU time per operator type (CPU only)",
+    )
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -297,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise SystemExit(f"--profile-model {name!r} is not one of --models {args.models}")
         print(f"\nprofile of one training step of {name} (sorted by self time):")
         print(profile_step(runner, x, y, device, args))
+    if args.op_types:
+        print("\nself CPU time of one training step per operator type:")
+        print(op_type_table(runners, x, y, device, args.amp))
     return medians
 
 
