@@ -195,9 +195,10 @@ class PatchConv2d(nn.Conv2d):
         b, c, h, w = x.shape
         ho, wo = h // k, w // k
         x = x.permute(0, 2, 3, 1)[:, : ho * k, : wo * k]
-        x = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, k * k * c)
-        return F.linear(x, weight, self.bias).permute(0, 3, 1, 2)
+        # patch features in the weight's own (C, kh, kw) order: the weight is only viewed, so its gradient keeps
+        # the parameter's strides (DDP's gradient buckets expect them)
+        x = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 5, 2, 4).reshape(b, ho, wo, c * k * k)
+        return F.linear(x, self.weight.view(self.out_channels, -1), self.bias).permute(0, 3, 1, 2)
 
 
 def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
