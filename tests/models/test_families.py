@@ -228,7 +228,10 @@ def test_matmul_convs_equal_conv2d(size: tuple[int, int], channels_last: bool) -
     torch.manual_seed(0)
     x = torch.randn(2, 8, *size)
     x = (x.to(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
-    for conv in (PatchConv2d(8, 12, patch=2), PointwiseConv2d(8, 12)):
+    convs = (PatchConv2d(8, 12, patch=2), PointwiseConv2d(8, 12))
+    if channels_last:  # as after model.to(memory_format=torch.channels_last): the 4-d weights too
+        convs = tuple(conv.to(memory_format=torch.channels_last) for conv in convs)
+    for conv in convs:
         ref = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride)
         out = conv(x)
         torch.testing.assert_close(out, ref)
@@ -236,6 +239,8 @@ def test_matmul_convs_equal_conv2d(size: tuple[int, int], channels_last: bool) -
         grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
         for g, g_ref in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+        conv(x).square().sum().backward()
+        assert conv.weight.grad.stride() == conv.weight.stride() or conv.kernel_size == (1, 1)
     assert set(PatchConv2d(8, 12).state_dict()) == set(nn.Conv2d(8, 12, 2, stride=2).state_dict())
 
 

@@ -194,11 +194,17 @@ class PatchConv2d(nn.Conv2d):
         k = self.kernel_size[0]
         b, c, h, w = x.shape
         ho, wo = h // k, w // k
-        x = x.permute(0, 2, 3, 1)[:, : ho * k, : wo * k]
-        # patch features in the weight's own (C, kh, kw) order: the weight is only viewed, so its gradient keeps
-        # the parameter's strides (DDP's gradient buckets expect them)
-        x = x.reshape(b, ho, k, wo, k, c).permute(0, 1, 3, 5, 2, 4).reshape(b, ho, wo, c * k * k)
-        return F.linear(x, self.weight.view(self.out_channels, -1), self.bias).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)[:, : ho * k, : wo * k].reshape(b, ho, k, wo, k, c)
+        # Patch features in the weight's memory order, so the weight is only viewed and its gradient keeps the
+        # parameter's strides (DDP's gradient buckets expect them): (kh, kw, C) for a channels_last weight (a
+        # model moved to channels_last), (C, kh, kw) for a contiguous one.
+        if self.weight.is_contiguous():
+            x = x.permute(0, 1, 3, 5, 2, 4).reshape(b, ho, wo, c * k * k)
+            weight = self.weight.view(self.out_channels, -1)
+        else:
+            x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, ho, wo, k * k * c)
+            weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        return F.linear(x, weight, self.bias).permute(0, 3, 1, 2)
 
 
 def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
