@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
+
+from slurm_helpers import job_env
 
 #: Same tiny digits run as the Slurm tests (tests/slurm/slurm_helpers.py): odd validation set of 351 images.
 TINY_TRAIN = [
@@ -25,24 +25,19 @@ TINY_TRAIN = [
 ]
 
 
-def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
-    """`cednet-train trainer=ddp_cpu` outside Slurm: 2 gloo ranks, one run dir, outputs by rank zero only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        CEDNET_LOG_DIR=str(tmp_path / "logs"),
-        OMP_NUM_THREADS="1",
-    )
+def _run(cli: list[str], tmp_path: Path) -> str:
+    """Run a console script in tmp_path (logs and data under it, no Slurm variables); its output, checked rc 0."""
     proc = subprocess.run(
-        ["cednet-train", "trainer=ddp_cpu", *TINY_TRAIN],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        cli, cwd=tmp_path, env=job_env(tmp_path), capture_output=True, text=True, timeout=600
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
+    """`cednet-train trainer=ddp_cpu` outside Slurm: 2 gloo ranks, one run dir, outputs by rank zero only."""
+    out = _run(["cednet-train", "trainer=ddp_cpu", *TINY_TRAIN], tmp_path)
     for rank in (0, 1):
         assert len(re.findall(rf"rank {rank}/2 joined the process group \(backend gloo", out)) == 1, out[
             -3000:
@@ -86,23 +81,8 @@ TINY_DET = [
 def test_det_demo_ddp_gathers_every_image_once_and_eval_agrees(tmp_path: Path) -> None:
     """det_demo's default 2-process run: the COCO results of both ranks are gathered (each val image once) and
     `cednet-eval` of its checkpoint in one process gives the same 12 numbers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        CEDNET_LOG_DIR=str(tmp_path / "logs"),
-        OMP_NUM_THREADS="1",
-    )
     run = tmp_path / "run"
-    proc = subprocess.run(
-        ["cednet-train", *TINY_DET, f"hydra.run.dir={run}", f"paths.data_dir={tmp_path / 'data'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    out = _run(["cednet-train", *TINY_DET, f"hydra.run.dir={run}"], tmp_path)
     assert "Starting with 2 processes" in out
     report = json.loads((run / "coco_metrics_val.json").read_text())
     assert report["num_images"] == 5, report
@@ -110,14 +90,9 @@ def test_det_demo_ddp_gathers_every_image_once_and_eval_agrees(tmp_path: Path) -
     results = json.loads((run / "coco_results_val.json").read_text())
     assert {r["image_id"] for r in results} <= {im["id"] for im in val["images"]}
 
-    proc = subprocess.run(
+    _run(
         ["cednet-eval", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'eval'}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     again = json.loads((tmp_path / "eval" / "coco_metrics_val.json").read_text())
     assert again["num_images"] == 5 and again["metrics"] == report["metrics"]
