@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import cednet_pl  # noqa: F401  (registers the timm entry points)
-from cednet_pl.models.blocks import LayerNorm2d, PatchConv2d, PointwiseConv2d, dilated_dwconv2d, get_family
+from cednet_pl.models.blocks import (
+    FocalNeXtBlock,
+    LayerNorm2d,
+    NeXtBlock,
+    PatchConv2d,
+    PointwiseConv2d,
+    dilated_dwconv2d,
+    get_family,
+)
 from cednet_pl.models.blocks_resnet import Bottleneck, FocalBottleneck
 from cednet_pl.models.blocks_swin import (
     SHIFT_MASK_VALUE,
@@ -242,6 +250,43 @@ def test_matmul_convs_equal_conv2d(size: tuple[int, int], channels_last: bool) -
         # the weight gradient keeps the parameter's strides (DDP buckets); 1x1 weights differ only on size-1 dims
         assert grads[1].stride() == conv.weight.stride() or conv.kernel_size == (1, 1)
     assert set(PatchConv2d(8, 12).state_dict()) == set(nn.Conv2d(8, 12, 2, stride=2).state_dict())
+
+
+@pytest.mark.parametrize("block_cls", [NeXtBlock, FocalNeXtBlock])
+def test_layer_scale_folded_into_pwconv2_is_exact(block_cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    block = block_cls(16)
+    with torch.no_grad():
+        block.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 9, 9).requires_grad_()
+
+    def unfolded(x: torch.Tensor) -> torch.Tensor:  # the layer scale as a multiply after pwconv2
+        if block_cls is NeXtBlock:
+            y = block.norm(block.dwconv(x).permute(0, 2, 3, 1))
+        else:
+            y = x + block.dwconv1(x)
+            y = (y + block.dwconv2(y)).permute(0, 2, 3, 1)
+        return x + (block.pwconv2(block.act(block.pwconv1(y))) * block.gamma).permute(0, 3, 1, 2)
+
+    params = [x, block.gamma, block.pwconv2.weight, block.pwconv2.bias, block.pwconv1.weight]
+    out, ref = block(x), unfolded(x)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    grads_ref = torch.autograd.grad(ref.square().sum(), params)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_scale_not_folded_under_fp16() -> None:
+    # gamma starts at 1e-6: gamma * W would underflow in float16, so the block keeps the multiply there
+    torch.manual_seed(0)
+    block = NeXtBlock(32)
+    x = torch.randn(2, 32, 8, 8) * 1e-6  # as small as the update (the LayerNorm undoes the scale): exact residual
+    ref = block(x) - x
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = block(x) - x
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=ref.abs().max().item() * 2e-2)
 
 
 def test_swin_focal_block_branches() -> None:
