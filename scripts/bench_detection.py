@@ -1,17 +1,21 @@
-"""Training-step and inference time of RetinaNet-CEDNet-NeXt-T vs RetinaNet-ConvNeXt-T+FPN on CPU.
+"""Training-step and inference time of RetinaNet-CEDNet-NeXt-T vs RetinaNet-ConvNeXt-T+FPN (CPU or CUDA).
 
 Both detectors use the same RetinaNet (head, anchors, losses) and differ only in the backbone: CEDNet-T's
 neck-free P3-P7 pyramid vs ConvNeXt-T + FPN (P6/P7 from C5). A training step is forward + losses + backward +
 AdamW step on ``--batch`` images of ``--size`` x ``--size`` with a few boxes each; inference is the eval forward
 (with postprocessing). The two models are run interleaved (A, B, A, B, ...) after a warm-up step each, so
-machine-load changes hit both; the median of ``--rounds`` and the ratio come from one run.
+machine-load changes hit both; the median of ``--rounds`` and the ratio come from one run. On CUDA the models run
+channels_last under bf16 autocast (``--amp none`` for fp32) and the peak of ``torch.cuda.max_memory_allocated`` over
+the timed training steps is reported.
 
     python scripts/bench_detection.py [--size 512] [--batch 2] [--rounds 5] [--threads 2] [--out bench.json]
+    python scripts/bench_detection.py --device cuda --size 1024 --batch 16 --rounds 10
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,35 +54,68 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.amp = args.amp or ("bf16" if args.device == "cuda" else "none")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = cuda
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if args.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     nets, opts = {}, {}
     for name, cfg in MODELS.items():
         net = build_retinanet(
             build_backbone(**cfg), 80, min_size=args.size, max_size=args.size, size_divisible=128
         )
-        nets[name] = net
+        nets[name] = net.to(device, memory_format=memory_format)
         opts[name] = torch.optim.AdamW(net.parameters(), lr=1e-4)
     images, targets = make_batch(args.size, args.batch)
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    peak_mem = dict.fromkeys(nets, 0)
 
     def train_step(name: str) -> float:
         net, opt = nets[name].train(), opts[name]
-        t0 = time.perf_counter()
-        losses = net(images, targets)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = clock()
+        with autocast():
+            losses = net(images, targets)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
-        return time.perf_counter() - t0
+        t1 = clock()
+        if cuda:
+            peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated(device))
+        return t1 - t0
 
     @torch.no_grad()
     def infer(name: str) -> float:
         net = nets[name].eval()
-        t0 = time.perf_counter()
-        net(images)
-        return time.perf_counter() - t0
+        t0 = clock()
+        with autocast():
+            net(images)
+        return clock() - t0
 
     train_t: dict[str, list[float]] = {n: [] for n in nets}
     infer_t: dict[str, list[float]] = {n: [] for n in nets}
@@ -95,6 +132,8 @@ def main() -> None:
     report = {
         "size": args.size,
         "batch": args.batch,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "amp": args.amp,
         "threads": args.threads,
         "rounds": args.rounds,
         "load_avg_1m_at_end": os.getloadavg()[0],
@@ -102,6 +141,8 @@ def main() -> None:
         "train_step_s_median": {n: round(statistics.median(v), 3) for n, v in train_t.items()},
         "infer_s_median": {n: round(statistics.median(v), 3) for n, v in infer_t.items()},
     }
+    if cuda:
+        report["train_peak_mem_MiB"] = {n: round(v / 2**20) for n, v in peak_mem.items()}
     report["train_ratio_cednet_over_convnext"] = round(
         statistics.median(train_t[a]) / statistics.median(train_t[b]), 3
     )

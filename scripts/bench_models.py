@@ -5,7 +5,8 @@ One step = forward + cross-entropy loss + backward + AdamW step, train mode, on 
 machine load hit both alike. Reports the median step time, images/s, the step-time ratio against the
 baseline and peak memory, and optionally the top ops of one profiled step (``--profile``).
 
-On CPU it also reports the process CPU time per step (``time.process_time``, all threads), whose
+The paired ratio is the median over repetitions of (step time / the baseline's step in the same repetition):
+load that changes between repetitions cancels out of it. On CPU it also reports the process CPU time per step (``time.process_time``, all threads), whose
 ratio is much less sensitive than wall time to other jobs on a shared machine.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` over a step (reset before it). On CPU the
@@ -315,7 +316,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     base = medians[args.baseline]
     mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "RSS sampled 1 ms"
     cpu_cols = device.type == "cpu"
-    header = f"| model | median step (s) | min step (s) | images/s | ratio vs {args.baseline} |"
+    base_times = runners[args.models.index(args.baseline)].times
+    header = (
+        f"| model | median step (s) | min step (s) | images/s | ratio vs {args.baseline} | paired ratio |"
+    )
     header += " CPU s/step | CPU-time ratio |" if cpu_cols else ""
     header += f" peak mem ({mem_kind}) | peak - before step |"
     print()
@@ -324,8 +328,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cpu_base = statistics.median(runners[args.models.index(args.baseline)].cpu_times) if cpu_cols else 0.0
     for r in runners:
         med = medians[r.name]
+        paired = statistics.median(t / tb for t, tb in zip(r.times, base_times, strict=True))
         line = (
             f"| {r.name} | {med:.3f} | {min(r.times):.3f} | {args.batch_size / med:.1f} | {med / base:.2f}x |"
+            f" {paired:.2f}x |"
         )
         if cpu_cols:
             cpu = statistics.median(r.cpu_times)
