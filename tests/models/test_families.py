@@ -13,11 +13,13 @@ from torch import nn
 
 import cednet_pl  # noqa: F401  (registers the timm entry points)
 from cednet_pl.models.blocks import (
+    DepthwiseConv2d,
     FocalNeXtBlock,
     LayerNorm2d,
     NeXtBlock,
     PatchConv2d,
     PointwiseConv2d,
+    depthwise_conv2d,
     dilated_dwconv2d,
     get_family,
 )
@@ -252,6 +254,58 @@ def test_matmul_convs_equal_conv2d(size: tuple[int, int], channels_last: bool) -
     assert set(PatchConv2d(8, 12).state_dict()) == set(nn.Conv2d(8, 12, 2, stride=2).state_dict())
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "size", "bias"),
+    [
+        (7, 1, (9, 9), True),
+        (7, 1, (5, 12), True),
+        (3, 1, (1, 1), False),
+        (7, 3, (7, 7), True),
+        (7, 3, (10, 11), True),
+    ],
+    ids=str,
+)
+def test_depthwise_conv_equals_conv2d(
+    kernel: int, dilation: int, size: tuple[int, int], bias: bool, channels_last: bool
+) -> None:
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(6, kernel, dilation, bias=bias)
+    ref = nn.Conv2d(6, 6, kernel, padding=dilation * (kernel // 2), dilation=dilation, groups=6, bias=bias)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(3, 6, *size)
+    if channels_last:
+        conv, ref, x = (t.to(memory_format=torch.channels_last) for t in (conv, ref, x))
+    x.requires_grad_()
+    params, ref_params = [x, conv.weight, conv.bias][: 2 + bias], [x, ref.weight, ref.bias][: 2 + bias]
+    for run in (conv, lambda t: dilated_dwconv2d(t, conv)):
+        out, expected = run(x), ref(x)
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.square().sum(), params)
+        for g, g_ref in zip(grads, torch.autograd.grad(expected.square().sum(), ref_params), strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+        if run is conv:  # the weight gradient keeps the parameter's strides (DDP buckets)
+            assert grads[1].stride() == conv.weight.stride()
+
+
+def test_depthwise_conv_gradients_and_fallbacks() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.double, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.double, requires_grad=True)
+    b = torch.randn(4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: depthwise_conv2d(*t, (2, 2), 2), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *t: depthwise_conv2d(*t, (1, 1), 1), (x, w, b))
+    # plain F.conv2d where the fast weight gradient does not apply: no grad, CPU autocast (bf16 gradients)
+    conv = DepthwiseConv2d(4, 3)
+    xf = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(xf), F.conv2d(xf, conv.weight, conv.bias, padding=1, groups=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(xf.requires_grad_())
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.shape == conv.weight.shape
+
+
 @pytest.mark.parametrize("block_cls", [NeXtBlock, FocalNeXtBlock])
 def test_layer_scale_folded_into_pwconv2_is_exact(block_cls: type[nn.Module]) -> None:
     torch.manual_seed(0)
@@ -281,7 +335,9 @@ def test_layer_scale_not_folded_under_fp16() -> None:
     # gamma starts at 1e-6: gamma * W would underflow in float16, so the block keeps the multiply there
     torch.manual_seed(0)
     block = NeXtBlock(32)
-    x = torch.randn(2, 32, 8, 8) * 1e-6  # as small as the update (the LayerNorm undoes the scale): exact residual
+    x = (
+        torch.randn(2, 32, 8, 8) * 1e-6
+    )  # as small as the update (the LayerNorm undoes the scale): exact residual
     ref = block(x) - x
     with torch.autocast("cpu", dtype=torch.float16):
         out = block(x) - x
