@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants with timm)
+from cednet_pl.models.blocks import DepthwiseConv2d
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -142,11 +143,35 @@ def timed_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.d
     runner.peak_mem_delta = max(runner.peak_mem_delta, sampler.peak - base)
 
 
+def use_our_depthwise_convs(model: torch.nn.Module) -> int:
+    """Swap every stride-1 'same' depthwise ``nn.Conv2d`` of ``model`` for :class:`DepthwiseConv2d` (same
+    weights; on CPU its weight gradient is faster); returns how many were swapped."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for child_name, conv in list(parent.named_children()):
+            if type(conv) is not torch.nn.Conv2d:
+                continue
+            k, d = conv.kernel_size[0], conv.dilation[0]
+            same = (
+                conv.padding == (d * (k // 2),) * 2 and conv.stride == (1, 1) and conv.kernel_size == (k, k)
+            )
+            depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.dilation == (d, d)
+            if not (same and depthwise and conv.padding_mode == "zeros"):
+                continue
+            new = DepthwiseConv2d(conv.in_channels, k, d, bias=conv.bias is not None)
+            new.load_state_dict(conv.state_dict())
+            setattr(parent, child_name, new)
+            swapped += 1
+    return swapped
+
+
 def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> Runner:
     """Create model (random init) + AdamW on ``device``."""
     model = timm.create_model(
         name, pretrained=False, num_classes=args.num_classes, drop_path_rate=args.drop_path
     )
+    if args.our_dwconv:
+        print(f"{name}: {use_our_depthwise_convs(model)} depthwise convs swapped for DepthwiseConv2d")
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -254,6 +279,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument(
+        "--our-dwconv",
+        action="store_true",
+        help="give every model (the baseline too) our DepthwiseConv2d: the ratio at equal depthwise kernels",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="print the top ops of one step of the first model")
