@@ -220,9 +220,10 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
 
     oneDNN's depthwise weight-gradient kernel is 4-6x slower than its forward on CPU. The same gradient is a
     depthwise conv of the padded input (all B*C maps as groups, NCHW) with the output gradient as the kernel,
-    summed over the batch, which oneDNN's forward kernel runs 1.5-3x faster (2 threads, CEDNet-T's 7x7 convs:
-    38 -> 12 ms at 8x96x56x56, 11.4 -> 6.0 ms at 28x28, 5.5 -> 3.4 ms at 14x14). The input gradient is oneDNN's
-    own; the backward is built from differentiable ops, so double backward works.
+    summed over the batch, which oneDNN's forward kernel runs 1.1-3.6x faster (``scripts/bench_dwconv.py``, 2
+    threads, CEDNet-T's convs at batch 8: 22.4 -> 11.5 ms at 96x56x56, 12.0 -> 6.1 ms at 192x28x28, 11.1 -> 3.1 ms
+    for the cropped dilated conv at 512x7x7). The input gradient is oneDNN's own; the backward is built from
+    differentiable ops, so double backward works.
     """
 
     @staticmethod
