@@ -1,8 +1,9 @@
 """Depthwise 7x7 conv on CPU: oneDNN's weight gradient vs :class:`DepthwiseConv2d`'s, at CEDNet-T's shapes.
 
 For every map of CEDNet-T's blocks at a 224 input (batch 8, channels-last), times the forward, the input gradient
-and the weight gradient of oneDNN (``aten.convolution_backward``) and the weight gradient of
-``DepthwiseConv2d``'s backward (a depthwise conv with the output gradient as the kernel), median of ``--reps``.
+and the weight gradient of oneDNN (``aten.convolution_backward``) and the weight gradient that
+``DepthwiseConv2d``'s backward uses (``depthwise_weight_grad``: a depthwise conv with the output gradient as the
+kernel), median of ``--reps``.
 
     python scripts/bench_dwconv.py [--threads 2] [--reps 10]
 """
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cednet_pl.models.blocks import _DepthwiseConv2dCPU
+from cednet_pl.models.blocks import depthwise_weight_grad
 
 # (channels, map side, dilation, kernel): CEDNet-T's depthwise convs at 224 (the dilated one cropped to 5x5)
 SHAPES = [(96, 56, 1, 7), (192, 28, 1, 7), (352, 14, 1, 7), (512, 7, 1, 7), (512, 7, 3, 5)]
@@ -33,15 +34,6 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-class _Ctx:
-    """The two fields ``_DepthwiseConv2dCPU.backward`` reads besides the saved tensors."""
-
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, pad: int, dilation: int) -> None:
-        self.saved_tensors = (x, w)
-        self.padding, self.dilation = (pad, pad), dilation
-        self.needs_input_grad = (False, True, False)
-
-
 def _bench_shape(c: int, side: int, d: int, k: int, batch: int, reps: int) -> str:
     pad = d * (k // 2)
     x = torch.randn(batch, c, side, side).to(memory_format=torch.channels_last)
@@ -54,7 +46,7 @@ def _bench_shape(c: int, side: int, d: int, k: int, batch: int, reps: int) -> st
         )
 
     def ours() -> torch.Tensor:
-        return _DepthwiseConv2dCPU.backward(_Ctx(x, w, pad, d), g)[1]
+        return depthwise_weight_grad(x, g, (pad, pad), d)
 
     torch.testing.assert_close(ours(), onednn([False, True, False])[1], rtol=1e-4, atol=1e-3)
     fwd = _median_ms(lambda: F.conv2d(x, w, padding=pad, dilation=d, groups=c), reps)

@@ -335,9 +335,8 @@ def test_layer_scale_not_folded_under_fp16() -> None:
     # gamma starts at 1e-6: gamma * W would underflow in float16, so the block keeps the multiply there
     torch.manual_seed(0)
     block = NeXtBlock(32)
-    x = (
-        torch.randn(2, 32, 8, 8) * 1e-6
-    )  # as small as the update (the LayerNorm undoes the scale): exact residual
+    # x as small as the update (the LayerNorm undoes the scale), so subtracting the residual is exact
+    x = torch.randn(2, 32, 8, 8) * 1e-6
     ref = block(x) - x
     with torch.autocast("cpu", dtype=torch.float16):
         out = block(x) - x

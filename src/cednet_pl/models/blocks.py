@@ -68,6 +68,7 @@ __all__ = [
     "PatchConv2d",
     "PointwiseConv2d",
     "depthwise_conv2d",
+    "depthwise_weight_grad",
     "dilated_dwconv2d",
     "get_family",
     "register_family",
@@ -195,9 +196,8 @@ class PatchConv2d(nn.Conv2d):
         super().__init__(in_chs, out_chs, kernel_size=patch, stride=patch, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type != "cpu"
-        ):  # cuDNN's strided conv is faster (H100, bf16: 6.5 vs 8.7 ms fwd+bwd, CEDNet-T)
+        # cuDNN's strided conv is faster off CPU (H100, bf16: 6.5 vs 8.7 ms fwd+bwd, CEDNet-T)
+        if x.device.type != "cpu":
             return super().forward(x)
         k = self.kernel_size[0]
         b, c, h, w = x.shape
@@ -220,7 +220,7 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
 
     oneDNN's depthwise weight-gradient kernel is 4-6x slower than its forward on CPU. The same gradient is a
     depthwise conv of the padded input (all B*C maps as groups, NCHW) with the output gradient as the kernel,
-    summed over the batch, which oneDNN's forward kernel runs 1.1-3.6x faster (``scripts/bench_dwconv.py``, 2
+    summed over the batch, which oneDNN's forward kernel runs 1.1-3.8x faster (``scripts/bench_dwconv.py``, 2
     threads, CEDNet-T's convs at batch 8: 22.4 -> 11.5 ms at 96x56x56, 12.0 -> 6.1 ms at 192x28x28, 11.1 -> 3.1 ms
     for the cropped dilated conv at 512x7x7). The input gradient is oneDNN's own; the backward is built from
     differentiable ops, so double backward works.
@@ -236,20 +236,32 @@ class _DepthwiseConv2dCPU(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         (ph, pw), d = ctx.padding, ctx.dilation
-        b, c, h, w = x.shape
+        c = x.shape[1]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, [1, 1], [ph, pw], [d, d], False, [0, 0], c, [True, False, False]
             )[0]
         if ctx.needs_input_grad[1]:
-            xp = F.pad(x, (pw, pw, ph, ph)).reshape(1, b * c, h + 2 * ph, w + 2 * pw).contiguous()
-            kernel = grad.contiguous().view(b * c, 1, h, w)
-            gw = F.conv2d(xp, kernel, stride=d, groups=b * c).view(b, c, 1, *weight.shape[2:]).sum(0)
-            grad_w = torch.empty_like(weight).copy_(gw)  # the parameter's own strides (DDP gradient buckets)
+            # the parameter's own strides (DDP gradient buckets)
+            grad_w = torch.empty_like(weight).copy_(depthwise_weight_grad(x, grad, (ph, pw), d))
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
+
+
+def depthwise_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, padding: tuple[int, int], dilation: int = 1
+) -> torch.Tensor:
+    """Weight gradient ``(C, 1, kh, kw)`` of a stride-1 'same' depthwise conv of ``x`` whose output gradient is
+    ``grad``, computed as a depthwise conv of the padded input (all B*C maps as groups, NCHW) with ``grad`` as the
+    kernel (stride = dilation), summed over the batch. Returned contiguous."""
+    (ph, pw), d = padding, dilation
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pw, pw, ph, ph)).reshape(1, b * c, h + 2 * ph, w + 2 * pw).contiguous()
+    kernel = grad.contiguous().view(b * c, 1, h, w)
+    gw = F.conv2d(xp, kernel, stride=d, groups=b * c)
+    return gw.view(b, c, 1, *gw.shape[2:]).sum(0)
 
 
 def depthwise_conv2d(
