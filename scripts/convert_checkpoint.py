@@ -66,6 +66,9 @@ def convert(
     classifier = f"heads.{probe.num_stages - 1}.weight"
     if classifier in state_dict:
         kwargs["num_classes"] = state_dict[classifier].shape[0]
+    if any(k.startswith(aux_head_prefixes(probe)) for k in state_dict):
+        # keep the training-only heads the checkpoint carries (dropped below with --inference-only)
+        kwargs["aux_heads"] = True
     with torch.device("meta"):
         model = timm.create_model(model_name, **kwargs)
     state_dict = checkpoint_filter_fn(state_dict, model)

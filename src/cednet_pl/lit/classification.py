@@ -58,6 +58,15 @@ def build_net(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _has_stage_heads(name: str, net_kwargs: dict[str, Any]) -> bool:
+    """Whether model `name` has per-stage heads for deep supervision (`forward_stage_logits` and the `aux_heads`
+    keyword, e.g. CEDNet), probed on the meta device (no memory, no weights loaded)."""
+    probe_kwargs = {k: v for k, v in net_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+    with torch.device("meta"):
+        probe = build_net(name, **probe_kwargs)
+    return callable(getattr(probe, "forward_stage_logits", None)) and hasattr(probe, "aux_heads")
+
+
 class ClassificationModule(L.LightningModule):
     """Image classification: deep supervision, mixup/cutmix, label smoothing, layer decay, EMA, top-1/5 metrics.
 
@@ -120,7 +129,10 @@ class ClassificationModule(L.LightningModule):
         if "name" not in net:
             raise ValueError(f"`net` config needs a `name` (a timm model name), got keys {sorted(net)}")
         net_kwargs = dict(net)
-        self.net = build_net(net_kwargs.pop("name"), **net_kwargs)
+        name = net_kwargs.pop("name")
+        if deep_supervision and "aux_heads" not in net_kwargs and _has_stage_heads(name, net_kwargs):
+            net_kwargs["aux_heads"] = True  # the training-only heads of every cascade stage
+        self.net = build_net(name, **net_kwargs)
         self.num_classes = int(self.net.num_classes)
         has_stages = callable(getattr(self.net, "forward_stage_logits", None))
         self.deep_supervision = bool(deep_supervision and has_stages)

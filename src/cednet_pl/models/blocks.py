@@ -55,6 +55,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.models import register_notrace_module
 from torch import nn
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "BlockFactory",
     "BlockFamily",
     "DepthwiseConv2d",
+    "DilatedDepthwiseConv2d",
     "FocalNeXtBlock",
     "LayerNorm2d",
     "NeXtBlock",
@@ -107,6 +109,7 @@ FAMILIES: dict[str, BlockFamily] = {}
 # Modules that register a family when imported; loaded lazily by get_family.
 _FAMILY_MODULES = {
     "swin": "cednet_pl.models.blocks_swin",
+    "swin_symmetric": "cednet_pl.models.blocks_swin",
     "res": "cednet_pl.models.blocks_resnet",
 }
 
@@ -155,6 +158,8 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+# Device-dependent paths: FX traces these as leaves (timm's notrace registry), TorchScript compiles them.
+@register_notrace_module
 class PointwiseConv2d(nn.Conv2d):
     """1x1 conv (same parameters and state_dict as ``nn.Conv2d(in, out, 1)``) computed as a Linear over NHWC.
 
@@ -172,11 +177,12 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # cuDNN's 1x1 conv is as fast or faster (H100, bf16)
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, self.bias)
         y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
         return y.permute(0, 3, 1, 2)
 
 
+@register_notrace_module
 class PatchConv2d(nn.Conv2d):
     """k x k conv with stride k and no padding (a downsample; same parameters and state_dict as ``nn.Conv2d``),
     computed as a Linear over the k x k patches of the NHWC map.
@@ -198,7 +204,7 @@ class PatchConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # cuDNN's strided conv is faster off CPU (H100, bf16: 6.5 vs 8.7 ms fwd+bwd, CEDNet-T)
         if x.device.type != "cpu":
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, self.bias)
         k = self.kernel_size[0]
         b, c, h, w = x.shape
         ho, wo = h // k, w // k
@@ -277,16 +283,20 @@ def depthwise_conv2d(
     When the weight is trained on CPU (grad enabled, no autocast) its gradient comes from a faster formulation
     (:class:`_DepthwiseConv2dCPU`); otherwise this is plain ``F.conv2d``. Same values and gradients.
     """
-    if (
-        x.device.type == "cpu"
-        and weight.requires_grad
-        and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-    ):
-        return _DepthwiseConv2dCPU.apply(x, weight, bias, tuple(padding), dilation)
+    # TorchScript compiles away a branch under `not torch.jit.is_scripting()` (the autograd.Function is eager-only);
+    # merged into one condition, the rest would be compiled
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if (
+            x.device.type == "cpu"
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            return _DepthwiseConv2dCPU.apply(x, weight, bias, tuple(padding), dilation)
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
+@register_notrace_module
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise k x k conv, stride 1, 'same' padding (``dilation * (k // 2)``); an ``nn.Conv2d`` (same parameters and
     state_dict) that runs :func:`depthwise_conv2d`.
@@ -306,8 +316,19 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise_conv2d(x, self.weight, self.bias, self.padding, self.dilation[0])
 
 
-def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a depthwise, dilated, 'same'-padded conv, computed the fast way (same result).
+@register_notrace_module
+class DilatedDepthwiseConv2d(DepthwiseConv2d):
+    """A dilated :class:`DepthwiseConv2d` (same parameters and state_dict) computed by :func:`dilated_dwconv2d`
+    (kernel cropped on small maps, space-to-batch on large ones)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dilated_dwconv2d(x, self.weight, self.bias, self.dilation[0])
+
+
+def dilated_dwconv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+) -> torch.Tensor:
+    """A depthwise, dilated, 'same'-padded conv (stride 1), computed the fast way (same result as the conv).
 
     CPU convolution kernels are slow for dilated depthwise convs. Two exact rewrites:
 
@@ -319,24 +340,25 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     Args:
         x: ``(B, C, H, W)`` input.
-        conv: ``nn.Conv2d`` with ``groups == in_channels == out_channels``, square odd kernel k, equal
-            dilation d in both directions and padding ``d * (k // 2)``, stride 1.
+        weight: ``(C, 1, k, k)`` depthwise kernel, k odd.
+        bias: ``(C,)`` or None.
+        dilation: Dilation d in both directions (the conv's padding is ``d * (k // 2)``).
 
     Returns:
-        ``(B, C, H, W)``, equal to ``conv(x)`` up to float rounding.
+        ``(B, C, H, W)``, equal to the conv's output up to float rounding.
     """
-    d, k = conv.dilation[0], conv.kernel_size[0]
+    d, k = dilation, weight.shape[-1]
     r = k // 2
     _, c, h, w = x.shape
     rh, rw = min(r, math.ceil(h / d) - 1), min(r, math.ceil(w / d) - 1)
     if rh < r or rw < r:
-        weight = conv.weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
+        weight = weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
         if x.device.type == "cpu":
             # NOTE: oneDNN's dilated depthwise conv is ~2x slower on channels_last than on NCHW, and a strided
             # (cropped) weight alone sends it down the channels_last path: make both contiguous (16.6 vs 26.8 ms
             # forward+backward at 8x512x7x7, 2 threads)
             x, weight = x.contiguous(), weight.contiguous()
-        return depthwise_conv2d(x, weight, conv.bias, (d * rh, d * rw), d)
+        return depthwise_conv2d(x, weight, bias, (d * rh, d * rw), d)
     # space to batch in NHWC (free for a channels_last input; the sub-maps stay channels_last, which oneDNN's
     # depthwise conv prefers: 2-2.5x faster than the NCHW version at 25x25-32x32)
     pad_b, pad_r = (-h) % d, (-w) % d
@@ -345,7 +367,7 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         xh = F.pad(xh, (0, 0, 0, pad_r, 0, pad_b))
     b, hs, ws = x.shape[0], (h + pad_b) // d, (w + pad_r) // d
     xs = xh.reshape(b, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5).reshape(b * d * d, hs, ws, c)
-    y = depthwise_conv2d(xs.permute(0, 3, 1, 2), conv.weight, conv.bias, (r, r)).permute(0, 2, 3, 1)
+    y = depthwise_conv2d(xs.permute(0, 3, 1, 2), weight, bias, (r, r)).permute(0, 2, 3, 1)
     y = y.reshape(b, d, d, hs, ws, c).permute(0, 3, 1, 4, 2, 5).reshape(b, hs * d, ws * d, c)
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
@@ -357,41 +379,36 @@ def _layer_scale(dim: int, ls_init_value: float | None) -> nn.Parameter | None:
 
 
 class _NHWCMlp(nn.Module):
-    """Shared tail of the NeXt blocks: (NCHW -> NHWC) pwconv1 -> act -> pwconv2 -> gamma (-> NCHW).
+    """Shared tail of the NeXt blocks: pwconv1 -> act -> pwconv2 -> gamma on an NHWC map, returned NCHW.
 
     Subclasses own ``pwconv1``, ``act``, ``pwconv2`` and ``gamma`` so the names stay flat.
     """
 
-    pwconv1: nn.Linear
-    act: nn.Module
-    pwconv2: nn.Linear
-    gamma: nn.Parameter | None
-
-    def _mlp(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        if norm is not None:
-            x = norm(x)
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.pwconv1(x))
-        if self.gamma is None:
-            x = self.pwconv2(x)
-        elif _fp16_compute(x):
-            x = self.pwconv2(x) * self.gamma
-        else:
-            # gamma folded into pwconv2 (gamma * (W h + b) = (gamma W) h + gamma b): the same function and
-            # gradients without a multiply, and its backward, over the whole activation
-            x = F.linear(x, self.pwconv2.weight * self.gamma[:, None], self.pwconv2.bias * self.gamma)
-        return x.permute(0, 3, 1, 2)
+        gamma = self.gamma
+        if gamma is None:
+            return self.pwconv2(x).permute(0, 3, 1, 2)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this branch only when it stands alone)
+            if not _fp16_compute(x):
+                # gamma folded into pwconv2 (gamma * (W h + b) = (gamma W) h + gamma b): the same function and
+                # gradients without a multiply, and its backward, over the whole activation
+                x = F.linear(x, self.pwconv2.weight * gamma[:, None], self.pwconv2.bias * gamma)
+                return x.permute(0, 3, 1, 2)
+        return (self.pwconv2(x) * gamma).permute(0, 3, 1, 2)
 
 
 def _fp16_compute(x: torch.Tensor) -> bool:
     """Whether a Linear on ``x`` computes in float16, where a folded ``gamma * W`` (gamma starts at 1e-6) would
     underflow."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # (meta: no autocast)
         return torch.get_autocast_dtype(device) == torch.float16
     return x.dtype == torch.float16
 
 
+# dtype/autocast-dependent layer-scale fold: an FX leaf
+@register_notrace_module
 class NeXtBlock(_NHWCMlp):
     """ConvNeXt block: dw7x7 -> LN -> Linear(4C) -> GELU -> Linear(C) -> gamma -> drop path -> + x.
 
@@ -415,9 +432,10 @@ class NeXtBlock(_NHWCMlp):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self._mlp(self.dwconv(x), self.norm))
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
 
 
+@register_notrace_module
 class FocalNeXtBlock(_NHWCMlp):
     """Focal NeXt ("DNeXt") block of the last encoder level.
 
@@ -444,7 +462,7 @@ class FocalNeXtBlock(_NHWCMlp):
         super().__init__()
         self.dwconv1 = nn.Sequential(DepthwiseConv2d(dim, kernel_size=7), LayerNorm2d(dim), nn.GELU())
         self.dwconv2 = nn.Sequential(
-            DepthwiseConv2d(dim, kernel_size=7, dilation=dilation),
+            DilatedDepthwiseConv2d(dim, kernel_size=7, dilation=dilation),
             LayerNorm2d(dim),
             nn.GELU(),
         )
@@ -456,9 +474,8 @@ class FocalNeXtBlock(_NHWCMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + self.dwconv1(x)
-        conv, norm, act = self.dwconv2
-        y = y + act(norm(dilated_dwconv2d(y, conv)))
-        return x + self.drop_path(self._mlp(y))
+        y = y + self.dwconv2(y)
+        return x + self.drop_path(self._mlp(y.permute(0, 2, 3, 1)))
 
 
 def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
