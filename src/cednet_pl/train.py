@@ -120,7 +120,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         log.info(f"Starting training{f' from {ckpt_path}' if ckpt_path else ''}")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(to_float_dict(trainer.callback_metrics))
         extra["resumed_from"] = ckpt_path
         extra["global_step"] = trainer.global_step
@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test", False):
         best = extra.get("best_model_path")
         log.info(f"Testing {best or 'the current weights'}")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(to_float_dict(trainer.callback_metrics))
     if trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", metrics, extra)
