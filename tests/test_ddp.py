@@ -39,9 +39,9 @@ def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
     """`cednet-train trainer=ddp_cpu` outside Slurm: 2 gloo ranks, one run dir, outputs by rank zero only."""
     out = _run(["cednet-train", "trainer=ddp_cpu", *TINY_TRAIN], tmp_path)
     for rank in (0, 1):
-        assert len(re.findall(rf"rank {rank}/2 joined the process group \(backend gloo", out)) == 1, out[
-            -3000:
-        ]
+        assert (
+            len(re.findall(rf"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2", out)) == 1
+        ), out[-3000:]
     assert "Starting with 2 processes" in out
 
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())

@@ -38,7 +38,7 @@ from cednet_pl.utils import (
     instantiate_trainer,
     write_metrics,
 )
-from cednet_pl.utils.distributed import add_rank_hydra_overrides, setup_distributed_run
+from cednet_pl.utils.ranks import add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
 log = RankedLogger(__name__)

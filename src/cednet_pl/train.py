@@ -20,9 +20,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import cednet_pl  # noqa: F401  (registers the CEDNet timm models)
 from cednet_pl.utils import (
     CONF_DIR,
-    ConfigInCheckpoint,
-    EpochSeed,
-    FiniteLossGuard,
     RankedLogger,
     extras,
     get_metric_value,
@@ -34,7 +31,7 @@ from cednet_pl.utils import (
     write_metrics,
 )
 from cednet_pl.utils.checkpoint import checkpoint_dir
-from cednet_pl.utils.distributed import DistributedRunReport, add_rank_hydra_overrides, setup_distributed_run
+from cednet_pl.utils.ranks import add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
 log = RankedLogger(__name__)
@@ -88,21 +85,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resolve_monitor(cfg, model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    callbacks.append(FiniteLossGuard())
-    callbacks.append(DistributedRunReport())
-    if cfg.get("seed") is not None:
-        callbacks.append(EpochSeed(cfg.seed))
-    callbacks.append(
-        ConfigInCheckpoint(
-            {
-                "task_name": cfg.get("task_name"),
-                "monitor": cfg.monitor,
-                "monitor_mode": cfg.monitor_mode,
-                "model": plain(cfg.model),
-                "data": plain(cfg.data),
-            }
-        )
-    )
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
     objects = {
