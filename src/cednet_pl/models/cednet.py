@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -237,7 +237,7 @@ class CEDNet(nn.Module):
         drop_rate: Dropout before each classifier.
         drop_path_rate: End of the linear stochastic-depth ramp over all blocks.
         ls_init_value: Layer-scale init of the blocks.
-        head_init_scale: Scale of the initial classifier weights and biases.
+        head_init_scale: Scale of the initial classifier weights (trunc-normal std 0.01; biases start at 0).
         head_hidden: Width of the per-stage head (conv1x1 before pooling).
         stem_dim: Width of the first stem conv.
         with_heads: False builds the backbone only (no ``final_layers``/``norms``/``heads``; used for
@@ -339,7 +339,8 @@ class CEDNet(nn.Module):
             dict(num_chs=dims[2], reduction=32, module=f"{last}.2"),
         ]
         named_apply(_init_weights, self)
-        self._scale_heads(head_init_scale)
+        self.head_init_scale = head_init_scale
+        self._init_heads(head_init_scale)
 
     def _make_heads(self, num_classes: int) -> nn.ModuleList:
         return nn.ModuleList(
@@ -350,11 +351,19 @@ class CEDNet(nn.Module):
         )
 
     @torch.no_grad()
-    def _scale_heads(self, scale: float) -> None:
+    def _init_heads(self, scale: float) -> None:
+        """Classifier init whose logit scale does not depend on ``num_classes`` (ConvNeXt-style trunc-normal).
+
+        The released code initialises them kaiming-normal with fan_out (std 1/sqrt(num_classes)): initial logits
+        of std 10-30 for a few classes. Released checkpoints overwrite it, so parity does not depend on it. The
+        classifier input is LayerNorm'd (squared norm = width), so with std 0.01 the initial logits have std
+        0.01 * sqrt(2048) = 0.45 for the 2048-wide head, whatever ``num_classes`` (ConvNeXt-T: 0.02 * sqrt(768)).
+        """
         for head in self.heads:
             if isinstance(head, nn.Linear):
+                trunc_normal_(head.weight, std=0.01)
+                nn.init.zeros_(head.bias)
                 head.weight.mul_(scale)
-                head.bias.mul_(scale)
 
     # ------------------------------------------------------------------ timm contract
     @torch.jit.ignore
@@ -394,7 +403,7 @@ class CEDNet(nn.Module):
         self.num_classes = num_classes
         device = self.final_layers[0][0].weight.device
         self.heads = self._make_heads(num_classes).to(device)
-        named_apply(_init_weights, self.heads)
+        self._init_heads(self.head_init_scale)
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 3, prune_norm: bool = False, prune_head: bool = True
