@@ -134,6 +134,7 @@ class ClassificationModule(L.LightningModule):
             net_kwargs["aux_heads"] = True  # the training-only heads of every cascade stage
         self.net = build_net(name, **net_kwargs)
         self.num_classes = int(self.net.num_classes)
+        self.class_names: list[str] | None = None  # from the datamodule; stored in checkpoints
         has_stages = callable(getattr(self.net, "forward_stage_logits", None))
         self.deep_supervision = bool(deep_supervision and has_stages)
         self.num_stages = int(getattr(self.net, "num_stages", 1)) if has_stages else 1
@@ -277,7 +278,23 @@ class ClassificationModule(L.LightningModule):
         return self.net(self._prepare(x)).softmax(dim=-1)
 
     # EMA and throughput bookkeeping
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "class_names", None) if dm is not None else None
+        if names is not None:
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"the datamodule names {len(names)} classes but the model has num_classes={self.num_classes}"
+                )
+            self.class_names = [str(n) for n in names]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.class_names is not None:
+            checkpoint["class_names"] = list(self.class_names)  # named predictions (cednet-predict)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("class_names"):
+            self.class_names = [str(n) for n in checkpoint["class_names"]]
         # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
         state = checkpoint.get("state_dict") or {}
         if self.ema is None and any(k.startswith("ema.") for k in state):

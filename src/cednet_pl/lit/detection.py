@@ -223,6 +223,9 @@ class DetectionModule(L.LightningModule):
             build_backbone(**backbone_kwargs), self.num_classes, **detector
         )
         self.category_ids: list[int] | None = None
+        self.category_names: list[str] | None = (
+            None  # stored in checkpoints, named predictions (cednet-predict)
+        )
         self.results_path: Path | None = None
         self._val_outputs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._val_image_ids: list[int] = []
@@ -249,6 +252,7 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+            self.category_names = list(getattr(dm, "category_names", None) or []) or None
         # NOTE: when a fit resumes, the checkpoint restored after setup overwrites these weights
         if stage == "fit" and self.pretrained:
             self._load_pretrained(self.pretrained)
@@ -282,10 +286,14 @@ class DetectionModule(L.LightningModule):
             )
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
+        if checkpoint.get("category_names"):
+            self.category_names = [str(n) for n in checkpoint["category_names"]]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.category_ids is not None:
             checkpoint["category_ids"] = list(self.category_ids)
+        if self.category_names is not None:
+            checkpoint["category_names"] = list(self.category_names)
 
     # ------------------------------------------------------------------ training
     def training_step(
