@@ -10,6 +10,7 @@ Examples::
 
     python scripts/convert_checkpoint.py cednet_tiny.pth out/cednet_next_tiny.pth --model cednet_next_tiny
     python scripts/convert_checkpoint.py last.ckpt backbone.pth --model cednet_next_tiny --drop-heads
+    python scripts/convert_checkpoint.py last.ckpt ema.pth --model cednet_next_nano --ema   # the EMA weights
 
 Load the output with ``timm.create_model(VARIANT, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
 """
@@ -39,6 +40,7 @@ def convert(
     drop_heads: bool = False,
     inference_only: bool = False,
     allow_pickle: bool = False,
+    ema: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read ``src``, verify it against ``model_name``, write the bare state_dict to ``dst`` and return it.
 
@@ -49,6 +51,7 @@ def convert(
         drop_heads: Drop all stage heads (``final_layers``/``norms``/``heads``): backbone-only weights.
         inference_only: Keep only the last stage's head (the training-only heads are dropped).
         allow_pickle: Read ``src`` with ``torch.load(weights_only=False)`` (trusted files only).
+        ema: From a Lightning ``.ckpt``, take the EMA weights (``ema.module.*``) instead of the raw ones.
 
     Raises:
         ValueError: unknown ``model_name`` or conflicting options.
@@ -60,7 +63,7 @@ def convert(
         raise ValueError(
             f"--model {model_name!r} is not a CEDNet variant; expected one of {timm.list_models('cednet_*')}"
         )
-    state_dict = load_checkpoint_file(src, weights_only=not allow_pickle)
+    state_dict = load_checkpoint_file(src, weights_only=not allow_pickle, ema=ema)
     kwargs = {}
     with torch.device("meta"):
         probe = timm.create_model(model_name)
@@ -96,11 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--drop-heads", action="store_true", help="drop every stage head (backbone only)")
     group.add_argument("--inference-only", action="store_true", help="keep only the last stage's head")
     parser.add_argument(
+        "--ema", action="store_true", help="take the EMA weights of a Lightning .ckpt (ema.module.*)"
+    )
+    parser.add_argument(
         "--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files only)"
     )
     args = parser.parse_args(argv)
     try:
-        sd = convert(args.src, args.dst, args.model, args.drop_heads, args.inference_only, args.allow_pickle)
+        sd = convert(
+            args.src, args.dst, args.model, args.drop_heads, args.inference_only, args.allow_pickle, args.ema
+        )
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,31 +16,11 @@ from PIL import Image
 from cednet_pl.eval import build_module
 from cednet_pl.models.checkpoint import read_checkpoint, unwrap_state_dict
 from cednet_pl.predict import predict, predict_detection, resolve_inputs
-from cednet_pl.train import train
-from testlib import compose_config
 
 
 def pcfg(make_cfg, *overrides: str) -> DictConfig:
     """A composed predict config writing under tmp_path."""
     return make_cfg("predict", ["extras.print_config=false", "data.num_workers=0", *overrides], fast=False)
-
-
-TINY = [
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=2",
-    "trainer.max_epochs=1",
-]
-
-
-@pytest.fixture(scope="module")
-def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", ["trainer=cpu", "logger=none", "extras.print_config=false", *TINY], tmp)
-    train(cfg)
-    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")

@@ -242,3 +242,12 @@ def test_converter_cli(tmp_path: Path, nano_file: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "verified against cednet_next_nano" in proc.stdout
     assert out.is_file()
+
+
+def test_converter_takes_the_ema_weights(trained_ckpt: Path, tmp_path: Path, converter: ModuleType) -> None:
+    out = tmp_path / "ema.pth"
+    assert converter.main([str(trained_ckpt), str(out), "--model", NANO, "--ema"]) == 0
+    sd = torch.load(out, weights_only=True)
+    ema, raw = load_checkpoint_file(trained_ckpt, ema=True), load_checkpoint_file(trained_ckpt)
+    assert set(sd) == set(ema) and all(torch.equal(sd[k], ema[k]) for k in sd)
+    assert any(not torch.equal(sd[k], raw[k]) for k in sd if sd[k].is_floating_point())
