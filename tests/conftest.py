@@ -14,7 +14,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from testlib import FAST_OVERRIDES, compose_config
+from testlib import FAST_OVERRIDES, TINY_TRAIN, compose_config
 
 
 @pytest.fixture
@@ -44,20 +44,10 @@ def cfg_train(make_cfg: Callable[..., DictConfig]) -> DictConfig:
     )
 
 
-#: a tiny but complete digits run (cednet_next_nano with EMA): 2 train batches, 2 val batches, 32x32 images
-TINY_TRAIN = [
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=2",
-    "trainer.max_epochs=1",
-]
-
-
 @pytest.fixture(scope="session")
 def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """last.ckpt of one tiny digits training run, shared by the predict and export tests."""
+    """last.ckpt of one tiny digits training run (`TINY_TRAIN`), shared by the train/eval, predict and export
+    tests."""
     from cednet_pl.train import train
 
     tmp = tmp_path_factory.mktemp("trained")

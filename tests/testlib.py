@@ -16,6 +16,15 @@ from PIL import Image
 from cednet_pl.utils.run import CONF_DIR
 
 #: Overrides that make any composed run small and quiet on a CPU-only machine.
+#: a tiny but complete digits run (cednet_next_nano with EMA): 2 train batches, 2 val batches, 32x32 images
+TINY_TRAIN = [
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "trainer.max_epochs=1",
+]
 FAST_OVERRIDES = ["trainer=cpu", "logger=none", "extras.print_config=false", "data.num_workers=0"]
 
 
