@@ -145,7 +145,7 @@ def test_predict_detection_writes_coco_results_and_drawings(tmp_path: Path) -> N
     results = predict_detection(module, files, ids, names, cfg, tmp_path / "out")
     with torch.no_grad():
         expected = module.net.eval()(
-            [torch.from_numpy(np.asarray(Image.open(f))).permute(2, 0, 1) / 255.0 for f in files]
+            [torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) / 255.0 for f in files]
         )
     assert len(results) == sum(len(d["boxes"]) for d in expected) > 0
     first = [r for r in results if r["image_id"] == 0]
