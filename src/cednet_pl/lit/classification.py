@@ -241,6 +241,11 @@ class ClassificationModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metrics: MetricCollection
     ) -> None:
         x, y = batch
+        keep = y >= 0  # a negative label marks an image the dataset could not decode: not counted
+        if not bool(keep.all()):
+            x, y = x[keep], y[keep]
+            if y.numel() == 0:
+                return
         x = self._prepare(x)
         logits = self.stage_logits(x)
         loss = nn.functional.cross_entropy(logits[-1], y)
