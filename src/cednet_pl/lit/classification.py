@@ -270,6 +270,17 @@ class ClassificationModule(L.LightningModule):
         return self.net(self._prepare(x)).softmax(dim=-1)
 
     # EMA and throughput bookkeeping
+    def setup(self, stage: str) -> None:
+        # one image at the data's size (else the model's default input size): Lightning's model summary runs it to
+        # print true FLOPs and tensor sizes
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        size = (
+            getattr(dm, "image_size", None)
+            or (getattr(dm, "hparams", None) or {}).get("image_size")
+            or (getattr(self.net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        )
+        self.example_input_array = torch.zeros(1, 3, int(size), int(size))
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
         state = checkpoint.get("state_dict") or {}

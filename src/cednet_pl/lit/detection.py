@@ -249,6 +249,10 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+        # two square images at the detector's test size (two: GroupNorm cannot normalise a single 1x1 P7 map of a
+        # small demo size): Lightning's model summary runs them to print true FLOPs
+        side = int(self.net.transform.min_size[0])
+        self.example_input_array = ([torch.zeros(3, side, side), torch.zeros(3, side, side)],)
         # NOTE: when a fit resumes, the checkpoint restored after setup overwrites these weights
         if stage == "fit" and self.pretrained:
             self._load_pretrained(self.pretrained)
