@@ -24,20 +24,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cednet_pl.lit.optim import build_optimizer, build_scheduler, resolve_lr, top_lr
 from cednet_pl.utils.logging import RankedLogger
+from cednet_pl.utils.run import plain
 
 log = RankedLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    """Turn OmegaConf containers into plain python containers (hyperparameters must be plain)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:
-        pass
-    return value
 
 
 def build_net(name: str, **kwargs: Any) -> nn.Module:
@@ -97,12 +86,12 @@ class ClassificationModule(L.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
-        net = dict(_plain(net))
-        stage_weights = _plain(stage_weights)
-        mixup = _plain(mixup)
-        optimizer = _plain(optimizer)
-        scheduler = _plain(scheduler)
-        ema = _plain(ema)
+        net = dict(plain(net))
+        stage_weights = plain(stage_weights)
+        mixup = plain(mixup)
+        optimizer = plain(optimizer)
+        scheduler = plain(scheduler)
+        ema = plain(ema)
         self.save_hyperparameters(
             {
                 "net": net,
