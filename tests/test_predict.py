@@ -16,6 +16,8 @@ from PIL import Image
 from cednet_pl.eval import build_module
 from cednet_pl.models.checkpoint import read_checkpoint, unwrap_state_dict
 from cednet_pl.predict import predict, predict_detection, resolve_inputs
+from cednet_pl.train import train
+from testlib import compose_config
 
 
 def pcfg(make_cfg, *overrides: str) -> DictConfig:
@@ -157,3 +159,39 @@ def test_predict_detection_writes_coco_results_and_drawings(tmp_path: Path) -> N
     assert json.loads((tmp_path / "out" / "detections.json").read_text()) == results
     drawn = sorted((tmp_path / "out" / "drawn").glob("*.png"))
     assert [Image.open(d).size for d in drawn] == [Image.open(f).size for f in files]
+
+
+def test_predict_and_export_trained_detector(tmp_path: Path, make_cfg) -> None:
+    """det_demo trained for one tiny epoch: the checkpoint names its categories; predict and export rebuild it."""
+    from cednet_pl.export import export
+
+    overrides = [
+        "+experiment=det_demo",
+        "trainer=cpu",
+        "data.num_train=4",
+        "data.num_val=2",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "+trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null",
+        "extras.print_config=false",
+    ]
+    cfg = compose_config("train", overrides, tmp_path / "train")
+    train(cfg)
+    ckpt_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(ckpt_path)
+    assert ckpt["category_names"] == [str(d) for d in range(10)] and len(ckpt["category_ids"]) == 10
+    val_dir = tmp_path / "train" / "data" / "synthetic_det" / "val"  # the generated validation images
+    assert len([f for f in val_dir.iterdir() if f.is_file()]) == 2
+    out = predict(pcfg(make_cfg, f"ckpt={ckpt_path}", f"input={val_dir}", "score_thresh=0.0"))
+    assert out["task"] == "detection"
+    results = json.loads((Path(out["output_dir"]) / "detections.json").read_text())
+    assert results == out["predictions"] and results
+    assert {r["category_name"] for r in results} <= {str(d) for d in range(10)}
+    assert {r["category_id"] for r in results} <= set(ckpt["category_ids"])
+    ecfg = make_cfg("export", ["extras.print_config=false", f"ckpt={ckpt_path}", "format=onnx"], fast=False)
+    meta = export(ecfg)
+    assert meta["task"] == "detection" and meta["outputs"] == ["cls_logits", "bbox_regression"]
+    assert meta["category_names"] == ckpt["category_names"]
