@@ -9,7 +9,6 @@ checks the region/window layout, the MSG shuffle and the bias placement independ
 from __future__ import annotations
 
 import csv
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,6 @@ from cednet_pl.models.msg import (
 )
 
 VARIANTS = ("msg_tiny", "msg_small", "msg_base")
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
 # small configuration for fast tests: window 2, shuffle (2, 2, 2, 1) -> inputs multiple of 64
 SMALL = dict(
     embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=2, shuffle_size=(2, 2, 2, 1)
@@ -223,15 +221,6 @@ def test_larger_inputs_average_the_last_stage_msg_tokens() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 def _load(variant: str, path: Path, **kwargs: object) -> nn.Module:
     return timm.create_model(variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-
-
-@pytest.fixture(scope="module")
-def converter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _round_trip(variant: str, tmp_path: Path, random_state_dict: Callable, converter: ModuleType) -> None:

@@ -26,7 +26,7 @@ import logging
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -637,28 +637,20 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
 
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
+    adapt_first_conv(sd, "stem.0.weight", expected)
 
-    missing = [k for k in expected if k not in sd]
-    aux_missing = [k for k in missing if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    aux_missing = [
+        k for k in expected if k not in sd and (s := _head_stage(k)) is not None and s < num_stages - 1
+    ]
     aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    optional: list[str] = []
     if aux_missing and len(aux_missing) == len(aux_all):
         notes.append(
             f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
             "initialisation (they only matter for deep-supervision training)"
         )
-        missing = [k for k in missing if k not in set(aux_missing)]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+        optional = aux_missing
+    check_state_dict_keys(sd, expected, variant, optional=optional)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return sd
@@ -674,11 +666,55 @@ def _mismatch_message(variant: str, missing: list[str], unexpected: list[str], m
     return "\n".join(lines)
 
 
-def _load_pretrained_file(model: CEDNet, path: str) -> None:
-    """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = checkpoint_filter_fn(load_checkpoint_file(path), model)
+def adapt_first_conv(sd: dict[str, torch.Tensor], key: str, expected: Mapping[str, torch.Size]) -> None:
+    """Adapt the first conv's weight ``sd[key]`` in place to the model's ``in_chans`` (timm's rule)."""
+    if key in sd and key in expected:
+        w, shape = sd[key], expected[key]
+        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
+            sd[key] = adapt_input_conv(shape[1], w)
+
+
+def check_state_dict_keys(
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    variant: str,
+    optional: Sequence[str] = (),
+) -> None:
+    """Raise ``RuntimeError`` naming every missing (except ``optional``), unexpected and mis-shaped key."""
+    skip = set(optional)
+    missing = [k for k in expected if k not in sd and k not in skip]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+        for k in sd
+        if k in expected and sd[k].shape != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+
+
+FilterFn = Callable[[Mapping[str, Any], nn.Module], dict[str, torch.Tensor]]
+
+
+def load_pretrained_file(model: nn.Module, path: str, filter_fn: FilterFn) -> None:
+    """Load a local checkpoint file into ``model`` through ``filter_fn`` (the strict key check)."""
+    sd = filter_fn(load_checkpoint_file(path), model)
     result = model.load_state_dict(sd, strict=False)
     _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+
+
+def local_file_overlay(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop ``pretrained_cfg_overlay`` from ``kwargs``; a local ``file`` loads through the model's own
+    ``load_pretrained`` (our reader: clear errors, Lightning/released wrappers) instead of timm's."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if overlay.get("file"):
+        overlay.setdefault("custom_load", True)
+    return overlay or None
+
+
+def _load_pretrained_file(model: CEDNet, path: str) -> None:
+    """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
+    load_pretrained_file(model, path, checkpoint_filter_fn)
 
 
 CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -688,15 +724,11 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
     if kwargs.get("features_only"):
         kwargs.setdefault("with_heads", False)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        # Load local files through our own reader (clear errors, Lightning/released wrappers).
-        overlay.setdefault("custom_load", True)
     return build_model_with_cfg(
         CEDNet,
         variant,
         pretrained,
-        pretrained_cfg_overlay=overlay or None,
+        pretrained_cfg_overlay=local_file_overlay(kwargs),
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
         **kwargs,

@@ -33,7 +33,6 @@ not (``no_weight_decay_keywords``).
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,7 +43,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import (
-    adapt_input_conv,
     build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
@@ -54,8 +52,14 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from cednet_pl.models.blocks_swin import relative_position_index
-from cednet_pl.models.cednet import _mismatch_message, load_checkpoint_file, unwrap_state_dict
+from cednet_pl.models.blocks_swin import WindowAttention
+from cednet_pl.models.cednet import (
+    adapt_first_conv,
+    check_state_dict_keys,
+    load_pretrained_file,
+    local_file_overlay,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "MSGAttention",
@@ -70,7 +74,6 @@ __all__ = [
     "shuffle_messengers",
 ]
 
-_logger = logging.getLogger(__name__)
 
 _POOL_TYPES = ("token", "avg", "")
 PATCH_STRIDE = 4
@@ -134,8 +137,8 @@ def _check_input_size(height: int, width: int, multiple: int) -> None:
         )
 
 
-class MSGAttention(nn.Module):
-    """Window attention over 1 MSG token + w*w patch tokens, with Swin's relative bias and the MSG biases."""
+class MSGAttention(WindowAttention):
+    """Window attention over 1 MSG token + w*w patch tokens: Swin's relative bias plus the MSG biases."""
 
     def __init__(
         self,
@@ -156,29 +159,18 @@ class MSGAttention(nn.Module):
             attn_drop: Dropout on the attention weights (training only).
             proj_drop: Dropout after the output projection.
         """
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"MSGAttention: dim={dim} is not divisible by num_heads={num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.window_size = window_size
+        # Swin's table, persistent int64 index buffer, qkv and proj (the official names and order)
+        super().__init__(dim, num_heads, window_size, qkv_bias)
         self.attn_drop = attn_drop
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         # [:, 0]: bias of every patch query for the MSG key; [:, 1]: bias of the MSG query's whole row
         self.rel_pos_msg = nn.Parameter(torch.zeros(num_heads, 2, 1, 1))
-        # persistent: the official checkpoints contain it
-        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=True)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
         trunc_normal_(self.rel_pos_msg, std=0.02)
 
     def attention_bias(self) -> torch.Tensor:
         """The additive bias ``(heads, 1 + w*w, 1 + w*w)`` of the attention logits (MSG token first)."""
         n = self.window_size * self.window_size
-        patches = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        patches = patches.view(n, n, self.num_heads).permute(2, 0, 1)
+        patches = self.relative_position_bias()
         to_msg = self.rel_pos_msg[:, 0].expand(-1, n, 1)
         from_msg = self.rel_pos_msg[:, 1].expand(-1, 1, n + 1)
         return torch.cat((from_msg, torch.cat((to_msg, patches), dim=-1)), dim=-2)
@@ -597,20 +589,8 @@ def msg_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) ->
         )
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("head.")}
-    key = "patch_embed.proj.weight"
-    if key in sd and key in expected:
-        w, shape = sd[key], expected[key]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd[key] = adapt_input_conv(shape[1], w)
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+    adapt_first_conv(sd, "patch_embed.proj.weight", expected)
+    check_state_dict_keys(sd, expected, variant)
     if note:
         warnings.warn(note, stacklevel=2)
     return sd
@@ -618,9 +598,7 @@ def msg_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) ->
 
 def _load_pretrained_file(model: MSGTransformer, path: str) -> None:
     """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = msg_checkpoint_filter_fn(load_checkpoint_file(path), model)
-    result = model.load_state_dict(sd, strict=False)
-    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+    load_pretrained_file(model, path, msg_checkpoint_filter_fn)
 
 
 MSGTransformer.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -628,15 +606,11 @@ MSGTransformer.load_pretrained = _load_pretrained_file  # type: ignore[attr-defi
 
 # ---------------------------------------------------------------------- registration
 def _create_msg(variant: str, pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        # Load local files through our own reader (clear errors, Lightning/official wrappers).
-        overlay.setdefault("custom_load", True)
     return build_model_with_cfg(
         MSGTransformer,
         variant,
         pretrained,
-        pretrained_cfg_overlay=overlay or None,
+        pretrained_cfg_overlay=local_file_overlay(kwargs),
         pretrained_filter_fn=msg_checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
