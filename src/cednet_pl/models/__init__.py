@@ -5,7 +5,8 @@ Importing this package registers the CEDNet variants and the MSG-Transformer bas
 """
 
 from cednet_pl.models.blocks import FAMILIES, BlockFamily, LayerNorm2d, get_family, register_family
-from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn, load_checkpoint_file
+from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn
+from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import count_macs, count_params
 from cednet_pl.models.msg import MSGTransformer, msg_checkpoint_filter_fn
 

@@ -53,8 +53,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from cednet_pl.models.blocks_swin import WindowAttention
-from cednet_pl.models.cednet import (
-    adapt_first_conv,
+from cednet_pl.models.cednet import adapt_first_conv
+from cednet_pl.models.checkpoint import (
     check_state_dict_keys,
     load_pretrained_file,
     local_file_overlay,
