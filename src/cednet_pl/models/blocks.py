@@ -54,7 +54,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+
+# timm.layers.LayerNorm2d: LayerNorm over the channels of NCHW maps (eps 1e-6), as the released models
+from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 
 __all__ = [
@@ -134,25 +136,6 @@ def get_family(name: str | BlockFamily) -> BlockFamily:
         known = sorted(set(FAMILIES) | set(_FAMILY_MODULES))
         raise ValueError(f"unknown CEDNet block family {name!r}; expected one of {known}")
     return FAMILIES[name]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map.
-
-    The map is viewed as NHWC, normalised over C and viewed back. For a channels_last tensor both
-    permutes are free (no copy), which is the memory format the model is meant to run in.
-
-    Args:
-        num_channels: Number of channels C.
-        eps: Added to the variance (1e-6, as in the released models).
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__(num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class PointwiseConv2d(nn.Conv2d):
