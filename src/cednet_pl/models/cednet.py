@@ -29,16 +29,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
+    checkpoint_seq,
     generate_default_cfgs,
     named_apply,
     register_model,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
 from cednet_pl.models.checkpoint import (
@@ -67,9 +67,7 @@ _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Run a sequence of blocks, checkpointing each one when asked (and when autograd is on)."""
     if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
+        return checkpoint_seq(blocks, x, use_reentrant=False)
     return blocks(x)
 
 
@@ -297,7 +295,7 @@ class CEDNet(nn.Module):
         n_lateral = 2 if decoder == "hourglass" else 0
         n_enc, n_dec = sum(enc_depths), sum(dec_depths) + n_lateral
         total = p2_block + num_stages * n_enc + (num_stages - 1) * n_dec
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = calculate_drop_path_rates(drop_path_rate, total)
         # Rates in ramp order: P2 blocks, then per stage its encoder blocks, then its decoder blocks.
         self.drop_path_rates = rates
         rate_iter = iter(rates)
