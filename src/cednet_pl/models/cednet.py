@@ -20,7 +20,6 @@ Layout (224x224 input)::
       -> per stage head on c5: final_layers.s (conv1x1 + norm + act) -> pool -> norms.s -> heads.s
 """
 
-import contextlib
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -41,7 +40,14 @@ from timm.models import (
 from torch import nn
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
-from cednet_pl.models.checkpoint import _mismatch_message, load_checkpoint_file, unwrap_state_dict
+from cednet_pl.models.checkpoint import (
+    check_state_dict_keys,
+    load_checkpoint_file,
+    load_pretrained_file,
+    local_file_overlay,
+    unwrap_state_dict,
+)
+from cednet_pl.models.factory import build_on_device
 
 __all__ = [
     "DECODERS",
@@ -51,6 +57,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "load_checkpoint_file",
 ]
+
 
 _logger = logging.getLogger(__name__)
 
@@ -332,7 +339,7 @@ class CEDNet(nn.Module):
         n_lateral = 2 if decoder == "hourglass" else 0
         n_enc, n_dec = sum(enc_depths), sum(dec_depths) + n_lateral
         total = p2_block + num_stages * n_enc + (num_stages - 1) * n_dec
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = calculate_drop_path_rates(drop_path_rate, total)
         # Rates in ramp order: P2 blocks, then per stage its encoder blocks, then its decoder blocks.
         self.drop_path_rates = rates
         rate_iter = iter(rates)
@@ -680,38 +687,36 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
 
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
+    adapt_first_conv(sd, "stem.0.weight", expected)
 
-    missing = [k for k in expected if k not in sd]
-    aux_missing = [k for k in missing if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    aux_missing = [
+        k for k in expected if k not in sd and (s := _head_stage(k)) is not None and s < num_stages - 1
+    ]
     aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    optional: list[str] = []
     if aux_missing and len(aux_missing) == len(aux_all):
         notes.append(
             f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
             "initialisation (they only matter for deep-supervision training)"
         )
-        missing = [k for k in missing if k not in set(aux_missing)]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+        optional = aux_missing
+    check_state_dict_keys(sd, expected, variant, optional=optional)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return sd
 
 
+def adapt_first_conv(sd: dict[str, torch.Tensor], key: str, expected: Mapping[str, torch.Size]) -> None:
+    """Adapt the first conv's weight ``sd[key]`` in place to the model's ``in_chans`` (timm's rule)."""
+    if key in sd and key in expected:
+        w, shape = sd[key], expected[key]
+        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
+            sd[key] = adapt_input_conv(shape[1], w)
+
+
 def _load_pretrained_file(model: CEDNet, path: str) -> None:
     """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = checkpoint_filter_fn(load_checkpoint_file(path), model)
-    result = model.load_state_dict(sd, strict=False)
-    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+    load_pretrained_file(model, path, checkpoint_filter_fn)
 
 
 CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -721,23 +726,18 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
     if kwargs.get("features_only"):
         kwargs.setdefault("with_heads", False)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        # Load local files through our own reader (clear errors, Lightning/released wrappers).
-        overlay.setdefault("custom_load", True)
-    # timm's factory keywords: parameters and buffers are created on `device`, floating ones cast to `dtype`
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = build_model_with_cfg(
+    return build_on_device(
+        lambda **kw: build_model_with_cfg(
             CEDNet,
             variant,
             pretrained,
-            pretrained_cfg_overlay=overlay or None,
+            pretrained_cfg_overlay=local_file_overlay(kw),
             pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
-            **kwargs,
-        )
-    return model.to(dtype=dtype) if dtype is not None else model
+            **kw,
+        ),
+        kwargs,
+    )
 
 
 def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:
