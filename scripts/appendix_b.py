@@ -214,7 +214,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(cells(str(r["seed"]), str(r["num_images"]), r, "yes" if r["a_regions_smaller"] else "**no**"))
+        lines.append(
+            cells(str(r["seed"]), str(r["num_images"]), r, "yes" if r["a_regions_smaller"] else "**no**")
+        )
     held = sum(bool(r["a_regions_smaller"]) for r in rows)
     mean = {side: {m: _mean([r[side][m] for r in rows]) for m in metrics} for side in ("a", "b")}
     lines.append(cells("mean", "", mean, f"{held} of {len(rows)}"))

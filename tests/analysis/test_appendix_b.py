@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from testlib import compose_config
 
 from cednet_pl.analysis.compare import main as compare_main
 from cednet_pl.analysis.quality import read_quality
+from testlib import compose_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "appendix_b.py"
 
@@ -70,7 +70,7 @@ def test_table_and_figures_from_real_compare_outputs(appendix_b, two_runs, tmp_p
     assert [s["seed"] for s in saved["seeds"]] == [0, 1]
 
     (out / "seed0" / "compare" / "summary.json").unlink()
-    with pytest.raises(FileNotFoundError, match="summary.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"summary\.json is missing"):
         appendix_b.seed_row(0, run_a, run_b, out / "seed0" / "compare")
     with pytest.raises(ValueError, match="at least one seed"):
         appendix_b.markdown_table([])

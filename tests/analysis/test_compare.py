@@ -40,7 +40,9 @@ def test_compare_end_to_end(two_runs, capsys):
     assert summary["a"]["mean_image_score"] == pytest.approx(sum(sa.values()) / len(sa))
     assert summary["a"]["mean_selected_score"] == pytest.approx(sum(sa[i] for i in sel["image_ids"]) / 3)
     assert summary["b"]["mean_selected_score"] == pytest.approx(sum(sb[i] for i in sel["image_ids"]) / 3)
-    assert [summary["a"]["region_area"], summary["b"]["region_area"]] == pytest.approx([c.auc for c in curves])
+    assert [summary["a"]["region_area"], summary["b"]["region_area"]] == pytest.approx(
+        [c.auc for c in curves]
+    )
     assert summary["a_regions_smaller"] == (curves[0].auc < curves[1].auc)
     assert [read_curve(m["curve"]).name for m in summary["models"]] == [*names, "third"]
     # the third model is A's checkpoint again: the same curve

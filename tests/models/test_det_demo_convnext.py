@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
 from testlib import compose_config
 
 # the only keys det_demo_convnext may change (besides its task name / run dir)
@@ -21,7 +22,9 @@ def test_det_demo_convnext_is_det_demo_with_another_backbone(tmp_path):
     assert conv["task_name"] == "det_demo_convnext" and demo["task_name"] == "det_demo"
     # the recipe: data, augmentation, trainer (epochs, validation schedule), callbacks, seed, everything else
     skip = {"hydra", "task_name", "model", "paths"}
-    assert {k: v for k, v in conv.items() if k not in skip} == {k: v for k, v in demo.items() if k not in skip}
+    assert {k: v for k, v in conv.items() if k not in skip} == {
+        k: v for k, v in demo.items() if k not in skip
+    }
     assert set(conv) == set(demo)
     # the model: same detector, optimizer, schedule, evaluation and pyramid width; only the trunk differs
     assert {k: v for k, v in conv["model"].items() if k != "backbone"} == {
