@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a CEDNet checkpoint into a bare state_dict of the cednet-pl layout, verified against a model.
+"""Convert a CEDNet (or RevCol) checkpoint into a bare state_dict of the cednet-pl layout, verified against a model.
 
 Inputs: a released CEDNet checkpoint (``{'model': state_dict, ...}``; our module names are the
 released names, so no key is renamed), a Lightning ``.ckpt`` of ours (``state_dict`` with the
@@ -10,6 +10,10 @@ Examples::
 
     python scripts/convert_checkpoint.py cednet_tiny.pth out/cednet_next_tiny.pth --model cednet_next_tiny
     python scripts/convert_checkpoint.py last.ckpt backbone.pth --model cednet_next_tiny --drop-heads
+    python scripts/convert_checkpoint.py revcol_tiny_1k.pth out/revcol_tiny.pth --model revcol_tiny --inference-only
+
+RevCol: the official ImageNet checkpoints carry the training-only ``cls_blocks.0-2`` / ``decoder_blocks``; they are
+kept (verified against a model built with ``aux_heads=True``) unless ``--inference-only`` or ``--drop-heads``.
 
 Load the output with ``timm.create_model(VARIANT, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
 """
@@ -27,8 +31,10 @@ import torch
 import cednet_pl  # noqa: F401  (registers the CEDNet variants)
 from cednet_pl.models.cednet import checkpoint_filter_fn, load_checkpoint_file
 from cednet_pl.models.complexity import aux_head_prefixes
+from cednet_pl.models.revcol import REVCOL_AUX_PREFIXES, revcol_checkpoint_filter_fn
 
 HEAD_PREFIXES = ("final_layers.", "norms.", "heads.")
+REVCOL_HEAD_PREFIXES = ("cls_blocks.", "decoder_blocks.")
 
 
 def convert(
@@ -44,7 +50,7 @@ def convert(
     Args:
         src: Input checkpoint (released ``.pth``, Lightning ``.ckpt`` of ours or bare state_dict).
         dst: Output path (parent folders are created).
-        model_name: CEDNet variant registered with timm, e.g. ``cednet_next_tiny``.
+        model_name: CEDNet or RevCol variant registered with timm, e.g. ``cednet_next_tiny``, ``revcol_tiny``.
         drop_heads: Drop all stage heads (``final_layers``/``norms``/``heads``): backbone-only weights.
         inference_only: Keep only the last stage's head (the training-only heads are dropped).
         allow_pickle: Read ``src`` with ``torch.load(weights_only=False)`` (trusted files only).
@@ -55,11 +61,17 @@ def convert(
     """
     if drop_heads and inference_only:
         raise ValueError("--drop-heads and --inference-only exclude each other")
-    if not model_name.startswith("cednet_") or model_name not in timm.list_models("cednet_*"):
-        raise ValueError(
-            f"--model {model_name!r} is not a CEDNet variant; expected one of {timm.list_models('cednet_*')}"
-        )
+    known = timm.list_models("cednet_*") + timm.list_models("revcol_*")
+    if model_name not in known:
+        raise ValueError(f"--model {model_name!r} is not a CEDNet or RevCol variant; expected one of {known}")
     state_dict = load_checkpoint_file(src, weights_only=not allow_pickle)
+    if model_name.startswith("revcol_"):
+        state_dict = _verify_revcol(state_dict, model_name)
+        if drop_heads:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REVCOL_HEAD_PREFIXES)}
+        elif inference_only:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(REVCOL_AUX_PREFIXES)}
+        return _save(state_dict, dst)
     kwargs = {}
     with torch.device("meta"):
         probe = timm.create_model(model_name)
@@ -76,6 +88,21 @@ def convert(
         aux = aux_head_prefixes(model)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(aux)}
 
+    return _save(state_dict, dst)
+
+
+def _verify_revcol(state_dict: dict[str, torch.Tensor], model_name: str) -> dict[str, torch.Tensor]:
+    """Check a RevCol state_dict against ``model_name`` (with the intermediate-supervision heads if it has them)."""
+    kwargs: dict[str, object] = {"aux_heads": any(k.startswith(REVCOL_AUX_PREFIXES) for k in state_dict)}
+    classifier = "cls_blocks.3.classifier.1.weight"
+    if classifier in state_dict:
+        kwargs["num_classes"] = state_dict[classifier].shape[0]
+    with torch.device("meta"):
+        model = timm.create_model(model_name, **kwargs)
+    return revcol_checkpoint_filter_fn(state_dict, model)
+
+
+def _save(state_dict: dict[str, torch.Tensor], dst: str) -> dict[str, torch.Tensor]:
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     torch.save(state_dict, dst)
     return state_dict
@@ -87,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("src", help="released .pth, Lightning .ckpt of ours, or a bare state_dict")
     parser.add_argument("dst", help="output .pth (bare state_dict)")
-    parser.add_argument("--model", required=True, help="CEDNet variant, e.g. cednet_next_tiny")
+    parser.add_argument(
+        "--model", required=True, help="CEDNet or RevCol variant, e.g. cednet_next_tiny, revcol_tiny"
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--drop-heads", action="store_true", help="drop every stage head (backbone only)")
     group.add_argument("--inference-only", action="store_true", help="keep only the last stage's head")
