@@ -535,8 +535,14 @@ class RevCol(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
-    def forward_aux(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward_aux(
+        self, x: torch.Tensor, with_images: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The official intermediate supervision outputs (needs ``aux_heads=True``).
+
+        Args:
+            x: Input images.
+            with_images: Run the image decoders (False: only the classifiers, e.g. for evaluation).
 
         Returns:
             ``(logits, images)``: four logits (after columns N/4-1, N/2-1, 3N/4-1, N-1; the last equals
@@ -559,7 +565,7 @@ class RevCol(nn.Module):
             if (i + 1) % interval == 0:
                 k = i // interval
                 logits.append(self.cls_blocks[k](c[3]))
-                if k < 3:
+                if k < 3 and with_images:
                     images.append(self.decoder_blocks[k](c[3]))
         return logits, images
 
