@@ -54,7 +54,9 @@ BASELINE_MODELS = (
     "focalnet_base_lrf",
     "hrnet_w32",
 )
-DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS
+# Table A1 baselines that timm lacks, implemented here (cednet_pl.models.revcol).
+REVCOL_MODELS = ("revcol_tiny", "revcol_small", "revcol_base")
+DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS + REVCOL_MODELS
 
 # Table A1 (params in M, "FLOPs" = GMACs) for the rows the project documents (design/cednet.md, sections 3
 # and 1); other paper entries are left blank rather than quoted from memory.
@@ -65,6 +67,10 @@ TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny_unet": (34.0, 5.7),
     "cednet_next_tiny_hourglass": (34.0, 5.7),
     "convnext_tiny": (29.0, 4.5),
+    # design/baselines.md (Table A1 RevCol-T/S/B)
+    "revcol_tiny": (30.0, 4.5),
+    "revcol_small": (60.0, 9.0),
+    "revcol_base": (138.0, 16.6),
 }
 
 FOOTNOTES = (
@@ -73,9 +79,12 @@ FOOTNOTES = (
     "one {size}x{size} image; convs, linears/matmuls and attention are counted, norms and activations are not.",
     "Params = parameters of the inference path: for CEDNet without the training-only heads of all but the "
     "last cascade stage (deep supervision), as Table A1 counts them; buffers excluded.",
-    "Paper = Table A1 of the CEDNet paper where the project documents it (design/cednet.md); blank otherwise. "
+    "Paper = Table A1 of the CEDNet paper where the project documents it (design/cednet.md, design/baselines.md); "
+    "blank otherwise. "
     "Table A1 prints 34M/5.7G for the UNet and Hourglass tiny variants too; the released definitions are smaller.",
     "FocalNet-T/S/B: the paper does not say srf or lrf; both timm versions are listed.",
+    "RevCol-T/S/B: the inference model, without the training-only intermediate-supervision heads (cls_blocks.0-2, "
+    "decoder_blocks) that the official ImageNet recipe trains and its checkpoints carry.",
 )
 
 
