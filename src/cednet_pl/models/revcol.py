@@ -201,7 +201,7 @@ class SubNet(nn.Module):
 
 # ---------------------------------------------------------------------- reversible mode
 def _autocast_states(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
-    kinds = dict.fromkeys((device_type, "cpu"))
+    kinds = [k for k in dict.fromkeys((device_type, "cpu")) if torch.amp.is_autocast_available(k)]
     return [(k, torch.is_autocast_enabled(k), torch.get_autocast_dtype(k)) for k in kinds]
 
 
