@@ -420,3 +420,30 @@ def test_convert_checkpoint_script(random_state_dict: Callable, tmp_path: Path) 
     )
     assert all(torch.equal(model.state_dict()[k], v) for k, v in out.items())
     assert converter.main([str(src), str(tmp_path / "x.pth"), "--model", "revcol_small"]) == 1
+
+
+def test_reversible_mode_saves_much_less_for_backward() -> None:
+    """scripts/bench_revcol_memory.py's measure (bytes of the storages the graph keeps), at a tiny size."""
+    import importlib.util
+    import sys
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_revcol_memory", scripts / "bench_revcol_memory.py"
+        )
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(scripts))
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    plain, _ = bench.saved_activation_bytes(_tiny(drop_path_rate=0.1), x, y)
+    rev, loss = bench.saved_activation_bytes(_tiny(drop_path_rate=0.1, save_memory=True), x, y)
+    # the reversible graph keeps each column's four outputs (2 x (64*16*16 + ... + 512*2*2) floats), plus the stem's
+    # and the head's own activations
+    per_column = 2 * (64 * 256 + 128 * 64 + 256 * 16 + 512 * 4) * 4
+    assert 4 * per_column < rev < 6 * per_column
+    assert plain > 10 * rev
+    loss.backward()
