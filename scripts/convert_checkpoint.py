@@ -29,7 +29,8 @@ import timm
 import torch
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants)
-from cednet_pl.models.cednet import checkpoint_filter_fn, load_checkpoint_file
+from cednet_pl.models.cednet import checkpoint_filter_fn
+from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import aux_head_prefixes
 from cednet_pl.models.revcol import REVCOL_AUX_PREFIXES, revcol_checkpoint_filter_fn
 

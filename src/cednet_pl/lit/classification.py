@@ -352,6 +352,11 @@ class ClassificationModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metrics: MetricCollection
     ) -> None:
         x, y = batch
+        keep = y >= 0  # a negative label marks an image the dataset could not decode: not counted
+        if not bool(keep.all()):
+            x, y = x[keep], y[keep]
+            if y.numel() == 0:
+                return
         x = self._prepare(x)
         logits = self.stage_logits(x)
         loss = nn.functional.cross_entropy(logits[-1], y)
@@ -376,6 +381,12 @@ class ClassificationModule(L.LightningModule):
         return self.net(self._prepare(x)).softmax(dim=-1)
 
     # EMA and throughput bookkeeping
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
+        state = checkpoint.get("state_dict") or {}
+        if self.ema is None and any(k.startswith("ema.") for k in state):
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("ema.")}
+
     def on_train_start(self) -> None:
         self.val_metrics.reset()
 
