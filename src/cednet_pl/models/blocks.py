@@ -371,7 +371,10 @@ class _NHWCMlp(nn.Module):
         x = self.act(self.pwconv1(x))
         if self.gamma is None:
             x = self.pwconv2(x)
-        elif torch.jit.is_scripting() or _fp16_compute(x):
+        # NOTE: is_scripting alone in its condition, so TorchScript skips compiling _fp16_compute
+        elif torch.jit.is_scripting():  # noqa: SIM114
+            x = self.pwconv2(x) * self.gamma
+        elif _fp16_compute(x):
             x = self.pwconv2(x) * self.gamma
         else:
             # gamma folded into pwconv2 (gamma * (W h + b) = (gamma W) h + gamma b): the same function and

@@ -23,7 +23,6 @@ Layout (224x224 input)::
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +31,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import (
-    adapt_input_conv,
-    build_model_with_cfg,
     generate_default_cfgs,
     named_apply,
     register_model,
@@ -42,7 +39,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
-from cednet_pl.models.checkpoint import _mismatch_message, load_checkpoint_file, unwrap_state_dict
+from cednet_pl.models.checkpoint import (
+    build_with_local_file,
+    load_checkpoint_file,
+    load_pretrained_file,
+    model_variant,
+    unwrap_state_dict,
+    verify_state_dict,
+)
 
 __all__ = [
     "DECODERS",
@@ -563,7 +567,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     """
     sd = unwrap_state_dict(state_dict)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    variant = model_variant(model)
     num_stages = getattr(model, "num_stages", 0)
     notes: list[str] = []  # warnings, emitted only when the checkpoint passes
 
@@ -584,38 +588,20 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
 
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
-
-    missing = [k for k in expected if k not in sd]
-    aux_missing = [k for k in missing if (s := _head_stage(k)) is not None and s < num_stages - 1]
     aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
-    if aux_missing and len(aux_missing) == len(aux_all):
+    optional: list[str] = []
+    if aux_all and not any(k in sd for k in aux_all):
         notes.append(
             f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
             "initialisation (they only matter for deep-supervision training)"
         )
-        missing = [k for k in missing if k not in set(aux_missing)]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return sd
+        optional = aux_all
+    return verify_state_dict(sd, expected, variant, notes, optional)
 
 
 def _load_pretrained_file(model: CEDNet, path: str) -> None:
     """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = checkpoint_filter_fn(load_checkpoint_file(path), model)
-    result = model.load_state_dict(sd, strict=False)
-    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+    load_pretrained_file(model, path, checkpoint_filter_fn)
 
 
 CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -623,21 +609,8 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
-    if kwargs.get("features_only"):
-        kwargs.setdefault("with_heads", False)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        # Load local files through our own reader (clear errors, Lightning/released wrappers).
-        overlay.setdefault("custom_load", True)
-    return build_model_with_cfg(
-        CEDNet,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
-        **kwargs,
-    )
+    feature_cfg = dict(out_indices=(0, 1, 2), feature_cls="getter")
+    return build_with_local_file(CEDNet, variant, pretrained, checkpoint_filter_fn, feature_cfg, **kwargs)
 
 
 def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -32,12 +31,19 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, register_notrace_module, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from cednet_pl.models.blocks import DepthwiseConv2d, LayerNorm2d, NeXtBlock, PatchConv2d, PointwiseConv2d
-from cednet_pl.models.cednet import _mismatch_message, _take_indices, load_checkpoint_file, unwrap_state_dict
+from cednet_pl.models.cednet import _take_indices
+from cednet_pl.models.checkpoint import (
+    build_with_local_file,
+    load_pretrained_file,
+    model_variant,
+    unwrap_state_dict,
+    verify_state_dict,
+)
 
 __all__ = ["REVCOL_AUX_PREFIXES", "RevCol", "revcol_checkpoint_filter_fn"]
 
@@ -619,7 +625,7 @@ def revcol_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module)
     """
     sd = unwrap_state_dict(state_dict)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    variant = model_variant(model)
     notes: list[str] = []
 
     dropped = [k for k in sd if k.startswith(REVCOL_AUX_PREFIXES) and k not in expected]
@@ -648,36 +654,19 @@ def revcol_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module)
         sd = {k: v for k, v in sd.items() if k not in set(shared)}
         expected = {k: v for k, v in expected.items() if k not in set(linear_keys)}
 
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
-
-    missing = [k for k in expected if k not in sd]
-    aux_missing = [k for k in missing if k.startswith(REVCOL_AUX_PREFIXES)]
-    if aux_missing and len(aux_missing) == sum(k.startswith(REVCOL_AUX_PREFIXES) for k in expected):
+    aux_all = [k for k in expected if k.startswith(REVCOL_AUX_PREFIXES)]
+    optional: list[str] = []
+    if aux_all and not any(k in sd for k in aux_all):
         notes.append(
             f"{variant}: checkpoint has no intermediate-supervision heads; they keep their fresh initialisation"
         )
-        missing = [k for k in missing if k not in set(aux_missing)]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return sd
+        optional = aux_all
+    return verify_state_dict(sd, expected, variant, notes, optional)
 
 
 def _load_pretrained_file(model: RevCol, path: str) -> None:
     """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = revcol_checkpoint_filter_fn(load_checkpoint_file(path), model)
-    result = model.load_state_dict(sd, strict=False)
-    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+    load_pretrained_file(model, path, revcol_checkpoint_filter_fn)
 
 
 RevCol.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -685,19 +674,9 @@ RevCol.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_revcol(variant: str, pretrained: bool = False, **kwargs: Any) -> RevCol:
-    if kwargs.get("features_only"):
-        kwargs.setdefault("with_heads", False)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        overlay.setdefault("custom_load", True)
-    return build_model_with_cfg(
-        RevCol,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=revcol_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
+    return build_with_local_file(
+        RevCol, variant, pretrained, revcol_checkpoint_filter_fn, feature_cfg, **kwargs
     )
 
 
