@@ -518,7 +518,9 @@ class RevCol(nn.Module):
         c3: Optional[torch.Tensor] = None  # noqa: UP045
         for column in self.children():
             if hasattr(column, "first_col"):
-                if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                # the reversible mode recomputes anyway: checkpointing only the plain mode
+                checkpointed = self.grad_checkpointing and not column.save_memory and torch.is_grad_enabled()
+                if checkpointed and not torch.jit.is_scripting():
                     c0, c1, c2, c3 = checkpoint(column, x, c0, c1, c2, c3, use_reentrant=False)
                 else:
                     c0, c1, c2, c3 = column(x, c0, c1, c2, c3)
