@@ -364,6 +364,10 @@ def test_released_checkpoint_loads_and_matches_official_forward(
     )
     asd = aux.state_dict()
     assert sorted(asd) == sorted(sd) and all(torch.equal(asd[k], v) for k, v in sd.items())
+    feats = timm.create_model(
+        "revcol_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), features_only=True
+    )
+    assert all(torch.equal(v, sd[k]) for k, v in feats.model.state_dict().items())
 
 
 def test_checkpoint_without_aux_heads_into_aux_model_warns(random_state_dict: Callable) -> None:
