@@ -148,6 +148,11 @@ def test_fast_dev_run_writes_coco_results_and_metrics(make_cfg):
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
     logged = objects["trainer"].callback_metrics
     assert all(f"val/{k}" in logged for k in COCO_STAT_NAMES) and "train/loss" in logged
+    # the model summary's FLOPs come from a real forward of `example_input_array` (one 128 px test image)
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    assert objects["model"].example_input_array[0][0].shape == (3, 128, 128)
+    assert ModelSummary(objects["model"]).total_flops > 10**7
 
 
 def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
