@@ -29,14 +29,14 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from cednet_pl.models.blocks import DepthwiseConv2d, LayerNorm2d, NeXtBlock, PatchConv2d, PointwiseConv2d
-from cednet_pl.models.cednet import _take_indices
+from cednet_pl.models.cednet import _cfg as _cednet_cfg
+from cednet_pl.models.cednet import _check_pool, _take_indices
 from cednet_pl.models.checkpoint import (
     build_with_local_file,
     load_pretrained_file,
@@ -48,8 +48,6 @@ from cednet_pl.models.checkpoint import (
 __all__ = ["REVCOL_AUX_PREFIXES", "RevCol", "revcol_checkpoint_filter_fn"]
 
 _logger = logging.getLogger(__name__)
-
-_POOL_TYPES = ("", "avg", "max", "avgmax")
 
 # The fast convs branch on the device; timm's FX tracer keeps them as leaves.
 for _conv in (DepthwiseConv2d, PatchConv2d, PointwiseConv2d):
@@ -601,11 +599,6 @@ class RevCol(nn.Module):
         return feats[3], intermediates
 
 
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in _POOL_TYPES:
-        raise ValueError(f"global_pool={global_pool!r}; expected one of {_POOL_TYPES}")
-
-
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         trunc_normal_(module.weight, std=0.02)
@@ -683,21 +676,9 @@ def _create_revcol(variant: str, pretrained: bool = False, **kwargs: Any) -> Rev
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0",
-        "classifier": "cls_blocks.3.classifier.1",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2212.11696",
-        **kwargs,
-    }
+    return _cednet_cfg(
+        classifier="cls_blocks.3.classifier.1", license="apache-2.0", paper_ids="arXiv:2212.11696", **kwargs
+    )
 
 
 # Official definitions (design/baselines.md). Drop path is set by the training config (timm convention);
