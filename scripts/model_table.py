@@ -37,7 +37,7 @@ CEDNET_MODELS = (
     "cednet_res50",
     "cednet_next_nano",
 )
-# Table A1 baselines available in timm. The paper names FocalNet-T/S/B without saying whether the small
+# Table A1 baselines available in timm (and MSG-Transformer, RevCol, ours). The paper names FocalNet-T/S/B without saying whether the small
 # (srf) or large (lrf) receptive-field versions; timm has both, so both are listed.
 BASELINE_MODELS = (
     "convnext_tiny",
@@ -46,6 +46,12 @@ BASELINE_MODELS = (
     "swin_tiny_patch4_window7_224",
     "swin_small_patch4_window7_224",
     "swin_base_patch4_window7_224",
+    "msg_tiny",  # MSG-Transformer: not in timm; cednet_pl.models.msg registers it
+    "msg_small",
+    "msg_base",
+    "revcol_tiny",  # RevCol: not in timm; cednet_pl.models.revcol registers it
+    "revcol_small",
+    "revcol_base",
     "focalnet_tiny_srf",
     "focalnet_small_srf",
     "focalnet_base_srf",
@@ -54,12 +60,10 @@ BASELINE_MODELS = (
     "focalnet_base_lrf",
     "hrnet_w32",
 )
-# Table A1 baselines that timm lacks, implemented here (cednet_pl.models.revcol).
-REVCOL_MODELS = ("revcol_tiny", "revcol_small", "revcol_base")
-DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS + REVCOL_MODELS
+DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS
 
 # Table A1 (params in M, "FLOPs" = GMACs) for the rows the project documents (design/cednet.md, sections 3
-# and 1); other paper entries are left blank rather than quoted from memory.
+# and 1; design/baselines.md for MSG-Transformer and RevCol); other paper entries are left blank rather than quoted from memory.
 TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny": (34.0, 5.7),
     "cednet_next_small": (55.0, 9.8),
@@ -67,7 +71,9 @@ TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny_unet": (34.0, 5.7),
     "cednet_next_tiny_hourglass": (34.0, 5.7),
     "convnext_tiny": (29.0, 4.5),
-    # design/baselines.md (Table A1 RevCol-T/S/B)
+    "msg_tiny": (25.0, 3.8),
+    "msg_small": (56.0, 8.4),
+    "msg_base": (84.0, 14.2),
     "revcol_tiny": (30.0, 4.5),
     "revcol_small": (60.0, 9.0),
     "revcol_base": (138.0, 16.6),

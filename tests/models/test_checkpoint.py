@@ -7,7 +7,6 @@ must reproduce every tensor bit for bit, with no renaming.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,15 +31,6 @@ RELEASED = (
     "cednet_res50",
 )
 NANO = "cednet_next_nano"
-
-
-@pytest.fixture(scope="module")
-def converter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _load(variant: str, path: Path, **kwargs: object) -> torch.nn.Module:
@@ -204,7 +194,7 @@ def test_converter_errors(
     assert converter.main([str(nano_file), str(out), "--model", "cednet_next_tiny"]) == 1
     assert "does not match cednet_next_tiny" in capsys.readouterr().err
     assert converter.main([str(nano_file), str(out), "--model", "resnet50"]) == 1
-    assert "not a CEDNet or RevCol variant" in capsys.readouterr().err
+    assert "not a CEDNet variant, MSG-Transformer or RevCol" in capsys.readouterr().err
     assert converter.main([str(tmp_path / "missing.pth"), str(out), "--model", NANO]) == 1
     assert "missing.pth" in capsys.readouterr().err
     assert not out.exists()

@@ -22,30 +22,31 @@ Layout (224x224 input)::
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import (
+    adapt_input_conv,
+    build_model_with_cfg,
+    checkpoint_seq,
     generate_default_cfgs,
     named_apply,
     register_model,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
 from cednet_pl.models.checkpoint import (
-    build_with_local_file,
+    check_state_dict_keys,
     load_checkpoint_file,
     load_pretrained_file,
-    model_variant,
+    local_file_overlay,
     unwrap_state_dict,
-    verify_state_dict,
 )
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "load_checkpoint_file",
 ]
 
-_logger = logging.getLogger(__name__)
 
 DECODERS = ("lightweight", "unet", "hourglass", "fpnconv")
 _POOL_TYPES = ("", "avg", "max", "avgmax")
@@ -67,9 +67,7 @@ _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Run a sequence of blocks, checkpointing each one when asked (and when autograd is on)."""
     if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
+        return checkpoint_seq(blocks, x, use_reentrant=False)
     return blocks(x)
 
 
@@ -297,7 +295,7 @@ class CEDNet(nn.Module):
         n_lateral = 2 if decoder == "hourglass" else 0
         n_enc, n_dec = sum(enc_depths), sum(dec_depths) + n_lateral
         total = p2_block + num_stages * n_enc + (num_stages - 1) * n_dec
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = calculate_drop_path_rates(drop_path_rate, total)
         # Rates in ramp order: P2 blocks, then per stage its encoder blocks, then its decoder blocks.
         self.drop_path_rates = rates
         rate_iter = iter(rates)
@@ -567,7 +565,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     """
     sd = unwrap_state_dict(state_dict)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    variant = model_variant(model)
+    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     num_stages = getattr(model, "num_stages", 0)
     notes: list[str] = []  # warnings, emitted only when the checkpoint passes
 
@@ -588,15 +586,31 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
 
+    adapt_first_conv(sd, "stem.0.weight", expected)
+
+    aux_missing = [
+        k for k in expected if k not in sd and (s := _head_stage(k)) is not None and s < num_stages - 1
+    ]
     aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
     optional: list[str] = []
-    if aux_all and not any(k in sd for k in aux_all):
+    if aux_missing and len(aux_missing) == len(aux_all):
         notes.append(
             f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
             "initialisation (they only matter for deep-supervision training)"
         )
-        optional = aux_all
-    return verify_state_dict(sd, expected, variant, notes, optional)
+        optional = aux_missing
+    check_state_dict_keys(sd, expected, variant, optional=optional)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return sd
+
+
+def adapt_first_conv(sd: dict[str, torch.Tensor], key: str, expected: Mapping[str, torch.Size]) -> None:
+    """Adapt the first conv's weight ``sd[key]`` in place to the model's ``in_chans`` (timm's rule)."""
+    if key in sd and key in expected:
+        w, shape = sd[key], expected[key]
+        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
+            sd[key] = adapt_input_conv(shape[1], w)
 
 
 def _load_pretrained_file(model: CEDNet, path: str) -> None:
@@ -609,8 +623,17 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
-    feature_cfg = dict(out_indices=(0, 1, 2), feature_cls="getter")
-    return build_with_local_file(CEDNet, variant, pretrained, checkpoint_filter_fn, feature_cfg, **kwargs)
+    if kwargs.get("features_only"):
+        kwargs.setdefault("with_heads", False)
+    return build_model_with_cfg(
+        CEDNet,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=local_file_overlay(kwargs),
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:

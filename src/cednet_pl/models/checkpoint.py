@@ -1,4 +1,4 @@
-"""The one checkpoint reader of cednet-pl (framework-free: torch and timm only).
+"""The one checkpoint reader of cednet-pl (framework-free: torch only).
 
 Every checkpoint the project reads goes through :func:`read_checkpoint` (the file as a dict) and
 :func:`unwrap_state_dict` (the model weights inside it), or :func:`load_checkpoint_file` (both):
@@ -12,10 +12,6 @@ Files are read with ``torch.load(weights_only=True)``: only tensors, plain conta
 so a crafted file cannot run code. A file that needs full unpickling fails with a message naming it and the
 explicit option a user sets when they trust it (``weights_only=False``; on the command line ``cednet-eval
 allow_pickle=true`` or ``scripts/convert_checkpoint.py --allow-pickle``).
-
-The model families share the end of their checkpoint filters (:func:`verify_state_dict`), the
-``pretrained_cfg_overlay=dict(file=...)`` hook (:func:`load_pretrained_file`) and their timm factory
-(:func:`build_with_local_file`).
 """
 
 from __future__ import annotations
@@ -23,26 +19,22 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from timm.models import adapt_input_conv, build_model_with_cfg
-from torch import nn
 
 __all__ = [
     "CONFIG_KEY",
     "TRUST_HINT",
     "CheckpointReadError",
-    "build_with_local_file",
+    "check_state_dict_keys",
     "is_lightning_checkpoint",
     "load_checkpoint_file",
     "load_pretrained_file",
-    "model_variant",
+    "local_file_overlay",
     "read_checkpoint",
     "unwrap_state_dict",
-    "verify_state_dict",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -181,25 +173,20 @@ def _mismatch_message(variant: str, missing: list[str], unexpected: list[str], m
     return "\n".join(lines)
 
 
-def model_variant(model: nn.Module) -> str:
-    """The timm variant name of ``model`` (its class name when it was not built by timm)."""
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-
-
-def verify_state_dict(
-    sd: dict[str, torch.Tensor],
+def check_state_dict_keys(
+    sd: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Size],
     variant: str,
-    notes: Iterable[str] = (),
-    optional: Iterable[str] = (),
-) -> dict[str, torch.Tensor]:
-    """The common end of the checkpoint filters: adapt ``stem.0.weight`` to another ``in_chans``, then raise
-    ``RuntimeError`` naming every missing (except ``optional``), unexpected or mis-shaped key; otherwise emit the
-    ``notes`` as warnings and return ``sd``."""
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
+    optional: Sequence[str] = (),
+) -> None:
+    """Raise ``RuntimeError`` naming every missing (except ``optional``), unexpected and mis-shaped key.
+
+    Args:
+        sd: The checkpoint's state_dict (after a model's filter has adapted it).
+        expected: ``{key: shape}`` of the model's state_dict.
+        variant: Model name for the message.
+        optional: Keys the checkpoint may lack (they keep their fresh initialisation).
+    """
     skip = set(optional)
     missing = [k for k in expected if k not in sd and k not in skip]
     unexpected = [k for k in sd if k not in expected]
@@ -210,44 +197,23 @@ def verify_state_dict(
     ]
     if missing or unexpected or mismatched:
         raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
-    for note in notes:
-        warnings.warn(note, stacklevel=3)
-    return sd
 
 
-FilterFn = Callable[[Mapping[str, Any], nn.Module], dict[str, torch.Tensor]]
+FilterFn = Callable[[Mapping[str, Any], torch.nn.Module], dict[str, torch.Tensor]]
 
 
-def load_pretrained_file(model: nn.Module, path: str, filter_fn: FilterFn) -> None:
-    """Load a local checkpoint file into ``model`` through our reader and the family's ``filter_fn`` (the
-    ``model.load_pretrained`` hook timm calls for ``pretrained_cfg_overlay=dict(file=...)``)."""
+def load_pretrained_file(model: torch.nn.Module, path: str, filter_fn: FilterFn) -> None:
+    """Load a local checkpoint file into ``model`` through a model family's ``filter_fn`` (its strict key check);
+    the body of every family's ``model.load_pretrained`` hook."""
     sd = filter_fn(load_checkpoint_file(path), model)
     result = model.load_state_dict(sd, strict=False)
     _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
 
 
-def build_with_local_file(
-    cls: type[nn.Module],
-    variant: str,
-    pretrained: bool,
-    filter_fn: FilterFn,
-    feature_cfg: dict[str, Any],
-    **kwargs: Any,
-) -> nn.Module:
-    """``timm.models.build_model_with_cfg`` for our families: ``features_only`` builds no heads, and a local
-    ``pretrained_cfg_overlay=dict(file=...)`` is read by our own reader (clear errors, Lightning/released
-    wrappers) through ``cls.load_pretrained``."""
-    if kwargs.get("features_only"):
-        kwargs.setdefault("with_heads", False)
+def local_file_overlay(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop ``pretrained_cfg_overlay`` from timm ``create_model`` kwargs; a local ``file`` is then loaded by the
+    model's own ``load_pretrained`` (this module's reader: clear errors, Lightning/released wrappers), not timm's."""
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if overlay.get("file"):
         overlay.setdefault("custom_load", True)
-    return build_model_with_cfg(
-        cls,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+    return overlay or None

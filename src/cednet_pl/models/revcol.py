@@ -24,25 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d, register_notrace_module, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
 from cednet_pl.models.blocks import DepthwiseConv2d, LayerNorm2d, NeXtBlock, PatchConv2d, PointwiseConv2d
 from cednet_pl.models.cednet import _cfg as _cednet_cfg
-from cednet_pl.models.cednet import _check_pool, _take_indices
+from cednet_pl.models.cednet import _check_pool, _take_indices, adapt_first_conv
 from cednet_pl.models.checkpoint import (
-    build_with_local_file,
+    check_state_dict_keys,
     load_pretrained_file,
-    model_variant,
+    local_file_overlay,
     unwrap_state_dict,
-    verify_state_dict,
 )
 
 __all__ = ["REVCOL_AUX_PREFIXES", "RevCol", "revcol_checkpoint_filter_fn"]
@@ -392,6 +392,9 @@ class RevCol(nn.Module):
         with_heads: False builds the backbone only (``features_only``).
     """
 
+    #: the training-only heads (``count_params(inference_only=True)`` and ``--inference-only`` skip them)
+    training_only_prefixes = REVCOL_AUX_PREFIXES
+
     def __init__(
         self,
         dims: Sequence[int] = (64, 128, 256, 512),
@@ -620,7 +623,7 @@ def revcol_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module)
     """
     sd = unwrap_state_dict(state_dict)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    variant = model_variant(model)
+    variant = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
     notes: list[str] = []
 
     dropped = [k for k in sd if k.startswith(REVCOL_AUX_PREFIXES) and k not in expected]
@@ -649,6 +652,7 @@ def revcol_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module)
         sd = {k: v for k, v in sd.items() if k not in set(shared)}
         expected = {k: v for k, v in expected.items() if k not in set(linear_keys)}
 
+    adapt_first_conv(sd, "stem.0.weight", expected)
     aux_all = [k for k in expected if k.startswith(REVCOL_AUX_PREFIXES)]
     optional: list[str] = []
     if aux_all and not any(k in sd for k in aux_all):
@@ -656,7 +660,10 @@ def revcol_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module)
             f"{variant}: checkpoint has no intermediate-supervision heads; they keep their fresh initialisation"
         )
         optional = aux_all
-    return verify_state_dict(sd, expected, variant, notes, optional)
+    check_state_dict_keys(sd, expected, variant, optional=optional)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return sd
 
 
 def _load_pretrained_file(model: RevCol, path: str) -> None:
@@ -669,9 +676,16 @@ RevCol.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_revcol(variant: str, pretrained: bool = False, **kwargs: Any) -> RevCol:
-    feature_cfg = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
-    return build_with_local_file(
-        RevCol, variant, pretrained, revcol_checkpoint_filter_fn, feature_cfg, **kwargs
+    if kwargs.get("features_only"):
+        kwargs.setdefault("with_heads", False)
+    return build_model_with_cfg(
+        RevCol,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=local_file_overlay(kwargs),
+        pretrained_filter_fn=revcol_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
     )
 
 
