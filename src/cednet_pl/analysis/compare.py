@@ -56,7 +56,12 @@ from cednet_pl.analysis.selection import (
 __all__ = [
     "SUMMARY_FORMAT",
     "RunInput",
-    "build_parser", "load_detector", "main", "resolve_run", "run_compare"]
+    "build_parser",
+    "load_detector",
+    "main",
+    "resolve_run",
+    "run_compare",
+]
 
 QUALITY_NAME = "quality_val.json"
 #: ``format`` of ``summary.json`` (read by scripts/appendix_b.py)
