@@ -265,16 +265,15 @@ def depthwise_conv2d(
     When the weight is trained on CPU (grad enabled, no autocast) its gradient comes from a faster formulation
     (:class:`_DepthwiseConv2dCPU`); otherwise this is plain ``F.conv2d``. Same values and gradients.
     """
-    # TorchScript compiles away a branch under `not torch.jit.is_scripting()` (the autograd.Function is eager-only);
-    # merged into one condition, the rest would be compiled
-    if not torch.jit.is_scripting():  # noqa: SIM102
-        if (
-            x.device.type == "cpu"
-            and weight.requires_grad
-            and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return _DepthwiseConv2dCPU.apply(x, weight, bias, tuple(padding), dilation)
+    if torch.jit.is_scripting():
+        return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+    if (
+        x.device.type == "cpu"
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        return _DepthwiseConv2dCPU.apply(x, weight, bias, tuple(padding), dilation)
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
@@ -360,30 +359,37 @@ def _layer_scale(dim: int, ls_init_value: float | None) -> nn.Parameter | None:
 
 
 class _NHWCMlp(nn.Module):
-    """Shared tail of the NeXt blocks: pwconv1 -> act -> pwconv2 -> gamma on an NHWC map, returned NCHW.
+    """Shared tail of the NeXt blocks: (NHWC) pwconv1 -> act -> pwconv2 -> gamma (-> NCHW).
 
     Subclasses own ``pwconv1``, ``act``, ``pwconv2`` and ``gamma`` so the names stay flat.
     """
 
+    # NOTE: no class-level annotations of these attributes: TorchScript cannot parse ``nn.Parameter | None``
+
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` is NHWC; returns NCHW."""
         x = self.act(self.pwconv1(x))
-        gamma = self.gamma
-        if gamma is None:
-            return self.pwconv2(x).permute(0, 3, 1, 2)
-        if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this branch only when it stands alone)
-            if not _fp16_compute(x):
-                # gamma folded into pwconv2 (gamma * (W h + b) = (gamma W) h + gamma b): the same function and
-                # gradients without a multiply, and its backward, over the whole activation
-                x = F.linear(x, self.pwconv2.weight * gamma[:, None], self.pwconv2.bias * gamma)
-                return x.permute(0, 3, 1, 2)
-        return (self.pwconv2(x) * gamma).permute(0, 3, 1, 2)
+        if self.gamma is None:
+            x = self.pwconv2(x)
+        # NOTE: is_scripting alone in its condition, so TorchScript skips compiling _fp16_compute
+        elif torch.jit.is_scripting():  # noqa: SIM114
+            x = self.pwconv2(x) * self.gamma
+        elif _fp16_compute(x):
+            x = self.pwconv2(x) * self.gamma
+        else:
+            # gamma folded into pwconv2 (gamma * (W h + b) = (gamma W) h + gamma b): the same function and
+            # gradients without a multiply, and its backward, over the whole activation
+            x = F.linear(x, self.pwconv2.weight * self.gamma[:, None], self.pwconv2.bias * self.gamma)
+        return x.permute(0, 3, 1, 2)
 
 
 def _fp16_compute(x: torch.Tensor) -> bool:
     """Whether a Linear on ``x`` computes in float16, where a folded ``gamma * W`` (gamma starts at 1e-6) would
-    underflow."""
+    underflow. Under FX tracing (no device known) the folded form is traced."""
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):  # (meta: no autocast)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device) == torch.float16
     return x.dtype == torch.float16
 
@@ -398,13 +404,19 @@ class NeXtBlock(_NHWCMlp):
         drop_path: Stochastic-depth rate.
         ls_init_value: Layer-scale init (``None``/0: no layer scale).
         mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
+        kernel_size: Depthwise kernel size (7; RevCol uses 3).
     """
 
     def __init__(
-        self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6, mlp_ratio: int = 4
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        ls_init_value: float | None = 1e-6,
+        mlp_ratio: int = 4,
+        kernel_size: int = 7,
     ) -> None:
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size=kernel_size)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
         self.act = nn.GELU()
