@@ -72,7 +72,7 @@ def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is a detection checkpoint.
+        ValueError: The file is a detection or segmentation checkpoint.
         RuntimeError: The file cannot be read or holds no state_dict.
     """
     path = os.fspath(path)
@@ -94,6 +94,11 @@ def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]
             raise ValueError(
                 f"{path} is a detection checkpoint (RetinaNet); a detection backbone loads the trunk of a "
                 "classification checkpoint (a cednet-train classification .ckpt or a released .pth)"
+            )
+        if target.endswith("SegmentationModule") or any(k.startswith("net.decode_head.") for k in state):
+            raise ValueError(
+                f"{path} is a segmentation checkpoint; a backbone loads the trunk of a classification "
+                "checkpoint (a cednet-train classification .ckpt or a released .pth)"
             )
     return unwrap_state_dict(ckpt, source=path)
 
