@@ -29,6 +29,7 @@ import torch
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants with timm)
 from cednet_pl.models.complexity import count_macs, count_params
+from cednet_pl.models.segmentation import ADE20K_MODELS as SEG_MODELS
 
 CEDNET_MODELS = (
     "cednet_next_tiny",
@@ -83,21 +84,6 @@ FOOTNOTES = (
 )
 
 
-# Segmentation models of the ADE20K experiments (released ced-mmseg configs), as build_segmentor arguments.
-SEG_MODELS: dict[str, dict] = {
-    "cednet_t_cedhead": dict(
-        backbone=dict(kind="cednet", model_name="cednet_next_tiny", ced_extras=True, out_channels=512),
-        head=dict(kind="ced", channels=512),
-    ),
-    "cednet_t_upernet": dict(
-        backbone=dict(kind="cednet", model_name="cednet_next_tiny"),
-        head=dict(kind="uper", channels=512, pool_scales=(1, 2, 3, 6)),
-    ),
-    "convnext_t_upernet": dict(
-        backbone=dict(kind="timm", model_name="convnext_tiny", out_indices=(0, 1, 2, 3)),
-        head=dict(kind="uper", channels=512, pool_scales=(1, 2, 3, 6)),
-    ),
-}
 SEG_IMG_SIZE = 512
 SEG_FOOTNOTE = (
     "Segmentation: 150 classes (ADE20K), one {size}x{size} image, inference path (backbone + decode head; the "

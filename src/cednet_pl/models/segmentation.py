@@ -45,6 +45,7 @@ from cednet_pl.models.detection import (
 )
 
 __all__ = [
+    "ADE20K_MODELS",
     "SEG_BACKBONES",
     "SEG_HEADS",
     "CEDHead",
@@ -391,6 +392,23 @@ class TimmSegBackbone(nn.Module):
 
 SEG_BACKBONES: dict[str, type[nn.Module]] = {"cednet": CEDNetSegBackbone, "timm": TimmSegBackbone}
 SEG_HEADS: dict[str, type[nn.Module]] = {"ced": CEDHead, "uper": UperHead}
+
+# The models of the ADE20K experiments (released ced-mmseg configs) as build_segmentor arguments, for the size
+# table and the benchmark (the experiment configs are the source for training).
+ADE20K_MODELS: dict[str, dict[str, dict[str, Any]]] = {
+    "cednet_t_cedhead": dict(
+        backbone=dict(kind="cednet", model_name="cednet_next_tiny", ced_extras=True, out_channels=512),
+        head=dict(kind="ced", channels=512),
+    ),
+    "cednet_t_upernet": dict(
+        backbone=dict(kind="cednet", model_name="cednet_next_tiny"),
+        head=dict(kind="uper", channels=512, pool_scales=(1, 2, 3, 6)),
+    ),
+    "convnext_t_upernet": dict(
+        backbone=dict(kind="timm", model_name="convnext_tiny", out_indices=(0, 1, 2, 3), drop_path_rate=0.4),
+        head=dict(kind="uper", channels=512, pool_scales=(1, 2, 3, 6)),
+    ),
+}
 
 
 def slide_inference(
