@@ -38,7 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from cednet_pl.utils.distributed import exact_eval_sampler
+from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
 
 __all__ = [
     "ADE20KDataModule",
@@ -261,6 +261,7 @@ class ADE20KDataModule(L.LightningDataModule):
         cat_max_ratio: Crop rule (see :class:`SegmentationTrainTransform`).
         hflip_prob: Flip probability.
         photometric: Photometric distortion on/off.
+        shuffle_seed: Base seed of the epoch-seeded training order (sharded over DDP ranks).
     """
 
     def __init__(
@@ -280,6 +281,7 @@ class ADE20KDataModule(L.LightningDataModule):
         cat_max_ratio: float = 0.75,
         hflip_prob: float = 0.5,
         photometric: bool = True,
+        shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -321,7 +323,7 @@ class ADE20KDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=True,
+            sampler=train_sampler(self.train_dataset, self.hparams.shuffle_seed, trainer=self.trainer),
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             drop_last=True,

@@ -25,6 +25,8 @@ import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
+from torch import nn
+from torchmetrics import MeanMetric
 
 from cednet_pl.evaluation.coco_eval import (
     COCO_STAT_NAMES,
@@ -47,6 +49,8 @@ __all__ = [
 log = RankedLogger(__name__)
 
 BACKBONES = {"cednet": CEDNetPyramid, "timm_fpn": TimmFPNBackbone}
+#: The losses of torchvision's RetinaNet (`compute_loss` keys), each logged as `<split>/loss_<name>`.
+_LOSS_NAMES = ("loss_classification", "loss_bbox_regression")
 
 
 def _plain(value: Any) -> Any:
@@ -222,6 +226,14 @@ class DetectionModule(L.LightningModule):
         self.results_path: Path | None = None
         self._val_outputs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._val_image_ids: list[int] = []
+        # val/test losses: means over exactly the evaluated images. torchmetrics sums (loss x images, images) over
+        # the ranks once at the epoch end; per-step `sync_dist` means would weight the ranks' uneven shards equally
+        self.eval_losses = nn.ModuleDict(
+            {
+                prefix: nn.ModuleDict({name: MeanMetric() for name in ("loss", *_LOSS_NAMES)})
+                for prefix in ("val", "test")
+            }
+        )
 
     # ------------------------------------------------------------------ model
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -299,9 +311,12 @@ class DetectionModule(L.LightningModule):
             images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         )
         n = len(images)
-        self.log(f"{prefix}/loss", sum(losses.values()), batch_size=n, sync_dist=True)
-        for name, value in losses.items():
-            self.log(f"{prefix}/loss_{name}", value, batch_size=n, sync_dist=True)
+        # torchvision's RetinaNet losses are means over the batch's images: weight n gives the per-image mean
+        values = {"loss": sum(losses.values()), **{f"loss_{k}": v for k, v in losses.items()}}
+        for name, value in values.items():
+            metric = self.eval_losses[prefix][name]
+            metric.update(value.detach(), weight=n)
+            self.log(f"{prefix}/{name}", metric, batch_size=n)
         for t, det in zip(targets, detections, strict=True):
             image_id = int(t["image_id"])
             self._val_image_ids.append(image_id)
