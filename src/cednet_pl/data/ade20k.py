@@ -22,6 +22,7 @@ digit masks) into this layout once: pixel labels 0 = background, 1..10 = digits 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -404,42 +405,21 @@ class SyntheticSegDataModule(ADE20KDataModule):
 
     Args:
         root: Cache directory.
-        num_train: Training canvases.
-        num_val: Validation canvases.
-        image_size: Canvas side.
-        num_digits: Inclusive range of digits per canvas.
-        digit_size: Inclusive range of digit heights.
-        empty_prob: Probability of a canvas without digits.
-        seed: Generation seed.
-        **kwargs: :class:`ADE20KDataModule` arguments (batch sizes, crop, scale...).
+        **kwargs: Generation parameters of :func:`~cednet_pl.data.synthetic_det.generate_synthetic_det`
+            (``num_train``, ``num_val``, ``image_size``, ``num_digits``, ``digit_size``, ``empty_prob``, ``seed``)
+            and :class:`ADE20KDataModule` arguments (batch sizes, crop, scale...).
     """
 
-    def __init__(
-        self,
-        root: str,
-        num_train: int = 1000,
-        num_val: int = 200,
-        image_size: int = 256,
-        num_digits: Sequence[int] = (3, 6),
-        digit_size: Sequence[int] = (24, 72),
-        empty_prob: float = 0.02,
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        from cednet_pl.data.synthetic_det import generate_synthetic_det
+
+        names = [p for p in inspect.signature(generate_synthetic_det).parameters if p != "root"]
+        self.generator_kwargs = {k: kwargs.pop(k) for k in names if k in kwargs}
         kwargs.setdefault("num_classes", len(DEMO_CLASS_NAMES))
         kwargs.setdefault("reduce_zero_label", False)
         kwargs.setdefault("image_suffix", ".png")
         kwargs.setdefault("class_names", DEMO_CLASS_NAMES)
         super().__init__(root=root, **kwargs)
-        self.generator_kwargs = dict(
-            num_train=num_train,
-            num_val=num_val,
-            image_size=image_size,
-            num_digits=tuple(num_digits),
-            digit_size=tuple(digit_size),
-            empty_prob=empty_prob,
-            seed=seed,
-        )
 
     def prepare_data(self) -> None:
         generate_synthetic_seg(self.root, **self.generator_kwargs)

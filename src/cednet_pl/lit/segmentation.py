@@ -21,11 +21,15 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cednet_pl.lit.classification import _plain
-from cednet_pl.lit.detection import detection_param_groups
+from cednet_pl.lit.detection import (
+    build_dense_optimizer,
+    check_checkpoint_task,
+    load_pretrained_backbone,
+    per_step_schedule,
+)
 from cednet_pl.lit.optim import build_poly_scheduler, top_lr
 from cednet_pl.models.segmentation import Segmentor, build_segmentor
 from cednet_pl.utils.logging import RankedLogger
@@ -141,33 +145,12 @@ class SegmentationModule(L.LightningModule):
             self._load_pretrained(self.pretrained)
 
     def _load_pretrained(self, spec: Any) -> None:
-        backbone = self.net.backbone
-        if spec is True:
-            import timm
-
-            src = timm.create_model(
-                backbone.model_name,
-                pretrained=True,
-                features_only=True,
-                feature_cls="getter",
-                out_indices=backbone.body.out_indices,
-            )
-            backbone.body.load_state_dict(src.state_dict())
-        else:
-            backbone.load_trunk(str(spec))
+        load_pretrained_backbone(self.net.backbone, spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stored = checkpoint.get("cednet_config") or {}
-        target = str((stored.get("model") or {}).get("_target_", ""))
-        if target and not target.endswith("SegmentationModule"):
-            raise ValueError(
-                f"wrong-task checkpoint: it holds a {target} model, not a segmentation model (SegmentationModule)"
-            )
-        if not any(k.startswith("net.decode_head.") for k in checkpoint.get("state_dict", {})):
-            raise ValueError(
-                "wrong-task checkpoint: it has no segmentation head (net.decode_head.*); "
-                "not a segmentation checkpoint"
-            )
+        check_checkpoint_task(
+            checkpoint, "SegmentationModule", "net.decode_head.", "segmentation", "segmentation head"
+        )
 
     # ------------------------------------------------------------------ training
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -265,25 +248,12 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = dict(self.hparams["optimizer"] or {})
-        name = cfg.pop("name", "adamw")
-        lr = float(cfg.pop("lr", 1e-4))
-        groups = detection_param_groups(
-            self.net, weight_decay=cfg.pop("weight_decay", 0.05), layer_decay=cfg.pop("layer_decay", None)
-        )
-        if cfg.get("betas") is not None:
-            cfg["betas"] = tuple(cfg["betas"])
-        optimizer = create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
+        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
         sched_cfg = dict(self.hparams["scheduler"] or {})
         if sched_cfg.pop("name", "poly") in ("constant", "none"):
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_poly_scheduler(optimizer, total, **sched_cfg)
-        log.info(f"lr {lr:.3g}, {len(optimizer.param_groups)} param groups, {total} optimizer steps")
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return per_step_schedule(optimizer, build_poly_scheduler(optimizer, total, **sched_cfg), total)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count

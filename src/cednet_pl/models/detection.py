@@ -58,7 +58,9 @@ __all__ = [
     "RetinaNetDetector",
     "TimmFPNBackbone",
     "build_retinanet",
+    "load_cednet_trunk",
     "load_classification_state_dict",
+    "load_timm_trunk",
     "prefixed_group_matcher",
 ]
 
@@ -91,6 +93,31 @@ def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]
             "checkpoint (a cednet-train classification .ckpt or a released .pth)"
         )
     return unwrap_state_dict(ckpt, source=path)
+
+
+def load_cednet_trunk(trunk: nn.Module, path: str | os.PathLike, model_name: str) -> None:
+    """Load a CEDNet trunk (no heads) from a classification checkpoint; heads dropped, anything else must match."""
+    sd = load_classification_state_dict(path)
+    try:
+        sd = checkpoint_filter_fn(sd, trunk)
+    except RuntimeError as err:
+        raise RuntimeError(f"backbone checkpoint {path} does not fit {model_name}: {err}") from err
+    trunk.load_state_dict(sd, strict=True)
+    log.info("loaded the %s trunk from %s (%d tensors)", model_name, path, len(sd))
+
+
+def load_timm_trunk(trunk: nn.Module, path: str | os.PathLike, model_name: str) -> None:
+    """Load a timm trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
+    sd = load_classification_state_dict(path)
+    expected = trunk.state_dict()
+    missing = [k for k in expected if k not in sd]
+    mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or mismatched:
+        raise RuntimeError(
+            f"backbone checkpoint {path} does not fit {model_name}: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
+        )
+    trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
 
 
 def prefixed_group_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -188,14 +215,7 @@ class CEDNetPyramid(nn.Module):
 
     def load_trunk(self, path: str | os.PathLike) -> None:
         """Load the trunk from a classification checkpoint; heads are dropped, anything else must match."""
-        sd = load_classification_state_dict(path)
-        trunk = self.trunk
-        try:
-            sd = checkpoint_filter_fn(sd, trunk)
-        except RuntimeError as err:
-            raise RuntimeError(f"backbone checkpoint {path} does not fit {self.model_name}: {err}") from err
-        trunk.load_state_dict(sd, strict=True)
-        log.info("loaded the %s trunk from %s (%d tensors)", self.model_name, path, len(sd))
+        load_cednet_trunk(self.trunk, path, self.model_name)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer-decay groups (timm convention): ``stem`` -> 0, ``stages.i`` -> i + 1; the neck joins the top."""
@@ -262,16 +282,7 @@ class TimmFPNBackbone(nn.Module):
 
     def load_trunk(self, path: str | os.PathLike) -> None:
         """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
-        sd = load_classification_state_dict(path)
-        expected = self.trunk.state_dict()
-        missing = [k for k in expected if k not in sd]
-        mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-        if missing or mismatched:
-            raise RuntimeError(
-                f"backbone checkpoint {path} does not fit {self.model_name}: {len(missing)} missing keys "
-                f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
-            )
-        self.trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
+        load_timm_trunk(self.trunk, path, self.model_name)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer-decay groups from the trunk's coarse ``group_matcher``; the FPN joins the top."""

@@ -40,7 +40,8 @@ from cednet_pl.models.cednet import CEDNetDecoder, CEDNetEncoder, _run_blocks
 from cednet_pl.models.detection import (
     _trunk,
     _trunk_group_matcher,
-    load_classification_state_dict,
+    load_cednet_trunk,
+    load_timm_trunk,
     prefixed_group_matcher,
 )
 
@@ -281,15 +282,7 @@ class CEDNetSegBackbone(nn.Module):
 
     def load_trunk(self, path: str | os.PathLike) -> None:
         """Load the trunk from a classification checkpoint (heads dropped; anything else must match)."""
-        from cednet_pl.models.cednet import checkpoint_filter_fn
-
-        sd = load_classification_state_dict(path)
-        try:
-            sd = checkpoint_filter_fn(sd, self.body)
-        except RuntimeError as err:
-            raise RuntimeError(f"backbone checkpoint {path} does not fit {self.model_name}: {err}") from err
-        self.body.load_state_dict(sd, strict=True)
-        log.info("loaded the %s trunk from %s (%d tensors)", self.model_name, path, len(sd))
+        load_cednet_trunk(self.body, path, self.model_name)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer-decay groups: stem -> 0, ``stages.i`` -> i + 1 (the last stage's decoder with its stage, as
@@ -371,16 +364,7 @@ class TimmSegBackbone(nn.Module):
 
     def load_trunk(self, path: str | os.PathLike) -> None:
         """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
-        sd = load_classification_state_dict(path)
-        expected = self.trunk.state_dict()
-        missing = [k for k in expected if k not in sd]
-        mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-        if missing or mismatched:
-            raise RuntimeError(
-                f"backbone checkpoint {path} does not fit {self.model_name}: {len(missing)} missing keys "
-                f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
-            )
-        self.trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
+        load_timm_trunk(self.trunk, path, self.model_name)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return _trunk_group_matcher(self.body)
