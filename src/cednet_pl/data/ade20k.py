@@ -365,7 +365,7 @@ def generate_synthetic_seg(root: str | os.PathLike, **det_kwargs: Any) -> Path:
     """
     from pycocotools import mask as mask_utils
 
-    from cednet_pl.data.synthetic_det import generate_synthetic_det
+    from cednet_pl.data.synthetic_det import generate_synthetic_det, manifest_matches
 
     root = Path(root)
     det_root = generate_synthetic_det(root / "det", **det_kwargs)
@@ -374,12 +374,8 @@ def generate_synthetic_seg(root: str | os.PathLike, **det_kwargs: Any) -> Path:
         "det_manifest": json.loads((det_root / "manifest.json").read_text()),
     }
     manifest_path = root / "seg_manifest.json"
-    if manifest_path.is_file():
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return root
-        except json.JSONDecodeError:
-            pass
+    if manifest_matches(manifest_path, manifest):
+        return root
     for split, folder in (("train", "training"), ("val", "validation")):
         coco = json.loads((det_root / "annotations" / f"instances_{split}.json").read_text())
         digit_of = {c["id"]: int(c["name"]) for c in coco["categories"]}

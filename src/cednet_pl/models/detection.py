@@ -57,6 +57,7 @@ __all__ = [
     "DetectionTransform",
     "RetinaNetDetector",
     "TimmFPNBackbone",
+    "TimmTrunk",
     "build_retinanet",
     "load_cednet_trunk",
     "load_classification_state_dict",
@@ -228,7 +229,54 @@ class CEDNetPyramid(nn.Module):
         return OrderedDict(zip(_LEVEL_NAMES, feats, strict=False))
 
 
-class TimmFPNBackbone(nn.Module):
+class TimmTrunk(nn.Module):
+    """A timm ``features_only`` trunk (``body``) with classification-checkpoint loading and layer-decay groups.
+
+    Args:
+        model_name: timm model, e.g. ``convnext_tiny`` or ``swin_tiny_patch4_window7_224``.
+        pretrained: False/None (random), True (timm's pretrained weights, needs the network) or a path to a
+            classification checkpoint to load into the trunk.
+        drop_path_rate: Stochastic depth of the trunk.
+        out_indices: Trunk feature indices.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool | str | None,
+        drop_path_rate: float,
+        out_indices: Sequence[int],
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.body = timm.create_model(
+            model_name,
+            pretrained=pretrained is True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=tuple(out_indices),
+            drop_path_rate=drop_path_rate,
+            **model_kwargs,
+        )
+        if isinstance(pretrained, str | os.PathLike) and pretrained:
+            self.load_trunk(pretrained)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return _trunk(self.body)
+
+    def load_trunk(self, path: str | os.PathLike) -> None:
+        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
+        load_timm_trunk(self.trunk, path, self.model_name)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups from the trunk's coarse ``group_matcher``; what follows the trunk joins the top."""
+        return _trunk_group_matcher(self.body)
+
+
+class TimmFPNBackbone(TimmTrunk):
     """A timm ``features_only`` trunk (strides 8/16/32) + torchvision FPN with P6/P7 from C5: P3-P7.
 
     Args:
@@ -250,17 +298,7 @@ class TimmFPNBackbone(nn.Module):
         out_indices: Sequence[int] = (1, 2, 3),
         **model_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.model_name = model_name
-        self.body = timm.create_model(
-            model_name,
-            pretrained=pretrained is True,
-            features_only=True,
-            feature_cls="getter",
-            out_indices=tuple(out_indices),
-            drop_path_rate=drop_path_rate,
-            **model_kwargs,
-        )
+        super().__init__(model_name, pretrained, drop_path_rate, out_indices, **model_kwargs)
         reductions = list(self.body.feature_info.reduction())
         if reductions != [8, 16, 32]:
             raise ValueError(
@@ -273,20 +311,6 @@ class TimmFPNBackbone(nn.Module):
         self.out_channels = out_channels
         self.num_levels = 5
         self.strides = [8, 16, 32, 64, 128]
-        if isinstance(pretrained, str | os.PathLike) and pretrained:
-            self.load_trunk(pretrained)
-
-    @property
-    def trunk(self) -> nn.Module:
-        return _trunk(self.body)
-
-    def load_trunk(self, path: str | os.PathLike) -> None:
-        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
-        load_timm_trunk(self.trunk, path, self.model_name)
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer-decay groups from the trunk's coarse ``group_matcher``; the FPN joins the top."""
-        return _trunk_group_matcher(self.body)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         feats = self.body(x)

@@ -38,10 +38,9 @@ from torchvision.ops import Conv2dNormActivation
 from cednet_pl.models.blocks import get_family
 from cednet_pl.models.cednet import CEDNetDecoder, CEDNetEncoder, _run_blocks
 from cednet_pl.models.detection import (
-    _trunk,
+    TimmTrunk,
     _trunk_group_matcher,
     load_cednet_trunk,
-    load_timm_trunk,
     prefixed_group_matcher,
 )
 
@@ -318,7 +317,7 @@ class CEDNetSegBackbone(nn.Module):
         return feats, last[0]
 
 
-class TimmSegBackbone(nn.Module):
+class TimmSegBackbone(TimmTrunk):
     """A timm ``features_only`` trunk (ConvNeXt-T: strides 4/8/16/32) for UperNet.
 
     Args:
@@ -339,35 +338,12 @@ class TimmSegBackbone(nn.Module):
         aux_index: int = 2,
         **model_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.model_name = model_name
-        self.body = timm.create_model(
-            model_name,
-            pretrained=pretrained is True,
-            features_only=True,
-            feature_cls="getter",
-            out_indices=tuple(out_indices),
-            drop_path_rate=drop_path_rate,
-            **model_kwargs,
-        )
+        super().__init__(model_name, pretrained, drop_path_rate, out_indices, **model_kwargs)
         self.out_channels = list(self.body.feature_info.channels())
         if not 0 <= aux_index < len(self.out_channels):
             raise ValueError(f"aux_index={aux_index} out of range for {len(self.out_channels)} features")
         self.aux_index = aux_index
         self.aux_channels = self.out_channels[aux_index]
-        if isinstance(pretrained, str | os.PathLike) and pretrained:
-            self.load_trunk(pretrained)
-
-    @property
-    def trunk(self) -> nn.Module:
-        return _trunk(self.body)
-
-    def load_trunk(self, path: str | os.PathLike) -> None:
-        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
-        load_timm_trunk(self.trunk, path, self.model_name)
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return _trunk_group_matcher(self.body)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         feats = list(self.body(x))
