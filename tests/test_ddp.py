@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from slurm_helpers import job_env
 
+from testlib import TINY_SEG_DATA
+
 #: Same tiny digits run as the Slurm tests (tests/slurm/slurm_helpers.py): odd validation set of 351 images.
 TINY_TRAIN = [
     "data.image_size=32",
@@ -116,13 +118,7 @@ TINY_SEG = [
     "+experiment=seg_demo",
     "data.num_train=4",
     "data.num_val=5",
-    "data.image_size=64",
-    "data.digit_size=[20,40]",
-    "data.num_digits=[1,2]",
-    "data.crop_size=64",
-    "data.scale=[128,64]",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
+    *TINY_SEG_DATA,
     "model.evaluation.crop=64",
     "model.evaluation.stride=43",
     "trainer.max_epochs=1",

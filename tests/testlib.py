@@ -65,3 +65,16 @@ class RankMetrics(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+#: seg_demo data cut down for tests: 64 px canvases with 1-2 digits, 64 px crops, batches of 2 (add
+#: data.num_train / data.num_val and the evaluation window).
+TINY_SEG_DATA = [
+    "data.image_size=64",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,2]",
+    "data.crop_size=64",
+    "data.scale=[128,64]",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+]

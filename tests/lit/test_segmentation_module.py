@@ -9,17 +9,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cednet_pl.lit.optim import build_poly_scheduler
 from cednet_pl.lit.segmentation import SegmentationModule, segmentation_scores
+from testlib import TINY_SEG_DATA
 
 TINY_DATA = [
     "data.num_train=4",
     "data.num_val=3",
-    "data.image_size=64",
-    "data.digit_size=[20,40]",
-    "data.num_digits=[1,2]",
-    "data.crop_size=64",
-    "data.scale=[128,64]",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
+    *TINY_SEG_DATA,
     "model.evaluation.crop=48",
     "model.evaluation.stride=32",
 ]
