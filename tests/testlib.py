@@ -67,6 +67,26 @@ class RankMetrics(Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
 
 
+class CrashAtEpoch(Callback):
+    """Simulates a killed job: raises KeyError("simulated crash") when epoch `epoch` starts (after the previous
+    epoch's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyError("simulated crash")
+
+
+def with_extra_callback(monkeypatch, callback: Callback) -> None:
+    """Make `cednet_pl.train.train` add `callback` to the configured ones (inside `monkeypatch`)."""
+    import cednet_pl.train as train_mod
+
+    original = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
+
+
 #: seg_demo data cut down for tests: 64 px canvases with 1-2 digits, 64 px crops, batches of 2 (add
 #: data.num_train / data.num_val and the evaluation window).
 TINY_SEG_DATA = [

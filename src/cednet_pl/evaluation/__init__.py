@@ -5,6 +5,7 @@ from cednet_pl.evaluation.coco_eval import (
     detections_to_coco_results,
     evaluate_coco,
     load_coco_json,
+    load_coco_results,
     write_results_json,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "detections_to_coco_results",
     "evaluate_coco",
     "load_coco_json",
+    "load_coco_results",
     "write_results_json",
 ]

@@ -37,6 +37,7 @@ from cednet_pl.evaluation.coco_eval import (
 from cednet_pl.lit.optim import top_lr
 from cednet_pl.models.detection import CEDNetPyramid, RetinaNetDetector, TimmFPNBackbone, build_retinanet
 from cednet_pl.utils.logging import RankedLogger
+from cednet_pl.utils.run import plain
 
 __all__ = [
     "BACKBONES",
@@ -55,17 +56,6 @@ log = RankedLogger(__name__)
 BACKBONES = {"cednet": CEDNetPyramid, "timm_fpn": TimmFPNBackbone}
 #: The losses of torchvision's RetinaNet (`compute_loss` keys), each logged as `<split>/loss_<name>`.
 _LOSS_NAMES = ("loss_classification", "loss_bbox_regression")
-
-
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:
-        pass
-    return value
 
 
 def build_backbone(kind: str = "cednet", **kwargs: Any) -> torch.nn.Module:
@@ -267,11 +257,11 @@ class DetectionModule(L.LightningModule):
         evaluation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        backbone = dict(_plain(backbone))
-        detector = dict(_plain(detector) or {})
-        optimizer = dict(_plain(optimizer) or {})
-        scheduler = dict(_plain(scheduler) or {})
-        evaluation = dict(_plain(evaluation) or {})
+        backbone = dict(plain(backbone))
+        detector = dict(plain(detector) or {})
+        optimizer = dict(plain(optimizer) or {})
+        scheduler = dict(plain(scheduler) or {})
+        evaluation = dict(plain(evaluation) or {})
         self.save_hyperparameters(
             {
                 "backbone": backbone,
@@ -316,6 +306,10 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+        # two square images at the detector's test size (two: GroupNorm cannot normalise a single 1x1 P7 map of a
+        # small demo size): Lightning's model summary runs them to print true FLOPs
+        side = int(self.net.transform.min_size[0])
+        self.example_input_array = ([torch.zeros(3, side, side), torch.zeros(3, side, side)],)
         # NOTE: when a fit resumes, the checkpoint restored after setup overwrites these weights
         if stage == "fit" and self.pretrained:
             self._load_pretrained(self.pretrained)

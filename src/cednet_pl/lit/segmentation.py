@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cednet_pl.lit.classification import _plain
 from cednet_pl.lit.detection import (
     build_dense_optimizer,
     check_checkpoint_task,
@@ -33,6 +32,7 @@ from cednet_pl.lit.detection import (
 from cednet_pl.lit.optim import build_poly_scheduler, top_lr
 from cednet_pl.models.segmentation import Segmentor, build_segmentor
 from cednet_pl.utils.logging import RankedLogger
+from cednet_pl.utils.run import plain
 
 __all__ = ["IGNORE_INDEX", "SegmentationModule", "segmentation_scores"]
 
@@ -98,15 +98,15 @@ class SegmentationModule(L.LightningModule):
         class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        net = dict(_plain(net))
+        net = dict(plain(net))
         hp = {
             "net": net,
             "num_classes": int(num_classes),
-            "loss": dict(_plain(loss) or {}),
-            "optimizer": dict(_plain(optimizer) or {}),
-            "scheduler": dict(_plain(scheduler) or {}),
-            "evaluation": dict(_plain(evaluation) or {}),
-            "class_names": list(_plain(class_names)) if class_names is not None else None,
+            "loss": dict(plain(loss) or {}),
+            "optimizer": dict(plain(optimizer) or {}),
+            "scheduler": dict(plain(scheduler) or {}),
+            "evaluation": dict(plain(evaluation) or {}),
+            "class_names": list(plain(class_names)) if class_names is not None else None,
         }
         self.save_hyperparameters(hp, logger=False)
         self.num_classes = int(num_classes)
