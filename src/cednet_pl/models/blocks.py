@@ -466,7 +466,7 @@ class NeXtBNBlock(NeXtBlock):
         self.norm = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x))))
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x)).permute(0, 2, 3, 1)))
 
 
 def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
