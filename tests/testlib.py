@@ -94,3 +94,16 @@ def with_extra_callback(monkeypatch, callback: Callback) -> None:
 
     original = train_mod.instantiate_callbacks
     monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
+
+
+#: seg_demo data cut down for tests: 64 px canvases with 1-2 digits, 64 px crops, batches of 2 (add
+#: data.num_train / data.num_val and the evaluation window).
+TINY_SEG_DATA = [
+    "data.image_size=64",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,2]",
+    "data.crop_size=64",
+    "data.scale=[128,64]",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+]

@@ -43,8 +43,12 @@ __all__ = [
     "BACKBONES",
     "DetectionModule",
     "build_backbone",
+    "build_dense_optimizer",
     "build_multistep_scheduler",
+    "check_checkpoint_task",
     "detection_param_groups",
+    "load_pretrained_backbone",
+    "per_step_schedule",
 ]
 
 log = RankedLogger(__name__)
@@ -115,6 +119,69 @@ def detection_param_groups(
             groups[key] = {"params": [], "weight_decay": decay, "lr_scale": scale}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]
+
+
+def build_dense_optimizer(net: torch.nn.Module, config: Mapping[str, Any] | None) -> torch.optim.Optimizer:
+    """The timm optimizer of a dense-prediction model from its plain config.
+
+    ``config``: ``name`` (adamw), ``lr``, ``weight_decay``, ``layer_decay``, ``head_weight_decay`` (see
+    :func:`detection_param_groups`), other timm optimizer kwargs (betas, eps).
+    """
+    cfg = dict(config or {})
+    name = cfg.pop("name", "adamw")
+    lr = float(cfg.pop("lr", 1e-4))
+    groups = detection_param_groups(
+        net,
+        weight_decay=cfg.pop("weight_decay", 0.05),
+        layer_decay=cfg.pop("layer_decay", None),
+        head_weight_decay=cfg.pop("head_weight_decay", None),
+    )
+    if cfg.get("betas") is not None:
+        cfg["betas"] = tuple(cfg["betas"])
+    return create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
+
+
+def per_step_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, total_steps: int) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` result for a timm scheduler stepped every optimizer step."""
+    log.info(
+        f"lr {optimizer.defaults['lr']:.3g}, {len(optimizer.param_groups)} param groups, "
+        f"{total_steps} optimizer steps"
+    )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
+
+
+def load_pretrained_backbone(backbone: torch.nn.Module, spec: Any) -> None:
+    """Load a backbone's trunk: ``True`` = timm's own weights (needs the network), else a checkpoint path."""
+    if spec is True:
+        import timm
+
+        src = timm.create_model(
+            backbone.model_name,
+            pretrained=True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=backbone.body.out_indices,
+        )
+        backbone.body.load_state_dict(src.state_dict())
+    else:
+        backbone.load_trunk(str(spec))
+
+
+def check_checkpoint_task(
+    checkpoint: dict[str, Any], module: str, head_prefix: str, task: str, head_name: str
+) -> None:
+    """Raise a "wrong-task checkpoint" ValueError unless ``checkpoint`` holds a ``module`` with ``head_prefix`` keys."""
+    stored = checkpoint.get("cednet_config") or {}
+    target = str((stored.get("model") or {}).get("_target_", ""))
+    if target and not target.endswith(module):
+        raise ValueError(f"wrong-task checkpoint: it holds a {target} model, not a {task} model ({module})")
+    if not any(k.startswith(head_prefix) for k in checkpoint.get("state_dict", {})):
+        raise ValueError(
+            f"wrong-task checkpoint: it has no {head_name} ({head_prefix}*); not a {task} checkpoint"
+        )
 
 
 def build_multistep_scheduler(
@@ -252,32 +319,10 @@ class DetectionModule(L.LightningModule):
             self._load_pretrained(self.pretrained)
 
     def _load_pretrained(self, spec: Any) -> None:
-        backbone = self.net.backbone
-        if spec is True:
-            import timm
-
-            src = timm.create_model(
-                backbone.model_name,
-                pretrained=True,
-                features_only=True,
-                feature_cls="getter",
-                out_indices=backbone.body.out_indices,
-            )
-            backbone.body.load_state_dict(src.state_dict())
-        else:
-            backbone.load_trunk(str(spec))
+        load_pretrained_backbone(self.net.backbone, spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stored = checkpoint.get("cednet_config") or {}
-        target = str((stored.get("model") or {}).get("_target_", ""))
-        if target and not target.endswith("DetectionModule"):
-            raise ValueError(
-                f"wrong-task checkpoint: it holds a {target} model, not a detection model (DetectionModule)"
-            )
-        if not any(k.startswith("net.head.") for k in checkpoint.get("state_dict", {})):
-            raise ValueError(
-                "wrong-task checkpoint: it has no RetinaNet head (net.head.*); not a detection checkpoint"
-            )
+        check_checkpoint_task(checkpoint, "DetectionModule", "net.head.", "detection", "RetinaNet head")
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
         if checkpoint.get("category_names"):
@@ -419,28 +464,12 @@ class DetectionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = dict(self.hparams["optimizer"] or {})
-        name = cfg.pop("name", "adamw")
-        lr = float(cfg.pop("lr", 1e-4))
-        groups = detection_param_groups(
-            self.net,
-            weight_decay=cfg.pop("weight_decay", 0.05),
-            layer_decay=cfg.pop("layer_decay", None),
-            head_weight_decay=cfg.pop("head_weight_decay", None),
-        )
-        if cfg.get("betas") is not None:
-            cfg["betas"] = tuple(cfg["betas"])
-        optimizer = create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
+        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
         sched_cfg = dict(self.hparams["scheduler"] or {})
         if sched_cfg.pop("name", "multistep") in ("constant", "none"):
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_multistep_scheduler(optimizer, total, **sched_cfg)
-        log.info(f"lr {lr:.3g}, {len(optimizer.param_groups)} param groups, {total} optimizer steps")
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return per_step_schedule(optimizer, build_multistep_scheduler(optimizer, total, **sched_cfg), total)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count

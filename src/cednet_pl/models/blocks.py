@@ -442,6 +442,7 @@ class FocalNeXtBlock(_NHWCMlp):
         ls_init_value: Layer-scale init (``None``/0: no layer scale).
         mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
         dilation: Dilation of the second depth-wise conv.
+        norm2d: Channel norm after each depth-wise conv (LN2d; BatchNorm2d in the segmentation extras).
     """
 
     def __init__(
@@ -451,12 +452,13 @@ class FocalNeXtBlock(_NHWCMlp):
         ls_init_value: float | None = 1e-6,
         mlp_ratio: int = 4,
         dilation: int = 3,
+        norm2d: Callable[[int], nn.Module] = LayerNorm2d,
     ) -> None:
         super().__init__()
-        self.dwconv1 = nn.Sequential(DepthwiseConv2d(dim, kernel_size=7), LayerNorm2d(dim), nn.GELU())
+        self.dwconv1 = nn.Sequential(DepthwiseConv2d(dim, kernel_size=7), norm2d(dim), nn.GELU())
         self.dwconv2 = nn.Sequential(
             DilatedDepthwiseConv2d(dim, kernel_size=7, dilation=dilation),
-            LayerNorm2d(dim),
+            norm2d(dim),
             nn.GELU(),
         )
         self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
@@ -471,6 +473,23 @@ class FocalNeXtBlock(_NHWCMlp):
         return x + self.drop_path(self._mlp(y.permute(0, 2, 3, 1)))
 
 
+class NeXtBNBlock(NeXtBlock):
+    """NeXt block with BatchNorm2d (NCHW, before the MLP) in place of the LayerNorm: dw7x7 -> BN -> MLP.
+
+    The block of the released segmentation extras (``norm_cfg=SyncBN`` in the extra encoder pass of CEDHead);
+    a plain ``nn.BatchNorm2d`` so that ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBN.
+    """
+
+    def __init__(
+        self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6, mlp_ratio: int = 4
+    ) -> None:
+        super().__init__(dim, drop_path=drop_path, ls_init_value=ls_init_value, mlp_ratio=mlp_ratio)
+        self.norm = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x)).permute(0, 2, 3, 1)))
+
+
 def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
     return NeXtBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value)
 
@@ -481,4 +500,25 @@ def _next_focal(dim: int, *, drop_path: float, ls_init_value: float | None, inde
 
 NEXT_FAMILY = register_family(
     BlockFamily(name="next", base_block=_next_base, focal_block=_next_focal, norm2d=LayerNorm2d, act=nn.GELU)
+)
+
+
+def _next_bn_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return NeXtBNBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value)
+
+
+def _next_bn_focal(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return FocalNeXtBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value, norm2d=nn.BatchNorm2d)
+
+
+# The NeXt blocks with BatchNorm (SyncBN under DDP) everywhere: the extra encoder pass of the CEDHead
+# segmentation backbone (released ``CEDNetWrapper``, ``extra_norm_cfg=SyncBN``).
+NEXT_BN_FAMILY = register_family(
+    BlockFamily(
+        name="next_bn",
+        base_block=_next_bn_base,
+        focal_block=_next_bn_focal,
+        norm2d=nn.BatchNorm2d,
+        act=nn.GELU,
+    )
 )

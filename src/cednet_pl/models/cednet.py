@@ -66,10 +66,15 @@ _POOL_TYPES = ("", "avg", "max", "avgmax")
 _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 
 
-def _checkpointed(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Run a sequence of blocks with every block checkpointed (eager only: callers check
-    ``not torch.jit.is_scripting()`` first, the idiom TorchScript compiles away)."""
-    return checkpoint_seq(blocks, x, use_reentrant=False)
+def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Run the modules of ``blocks`` one after another (not the container's own ``forward``), each checkpointed when
+    asked and autograd is on. Eager only: scriptable callers check ``not torch.jit.is_scripting()`` first, the idiom
+    TorchScript compiles away."""
+    if grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint_seq(blocks, x, use_reentrant=False)
+    for block in blocks:
+        x = block(x)
+    return x
 
 
 class CEDNetStage(nn.Sequential):
@@ -93,7 +98,7 @@ class CEDNetP2Stage(nn.Sequential):
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
         x = feats[0]
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = _checkpointed(self, x)
+            x = _run_blocks(self, x, True)
         else:
             for module in self:
                 x = module(x)
@@ -166,7 +171,7 @@ class CEDNetEncoder(nn.Module):
             if level > 0 and self.fuse_prev and len(feats) > level:
                 x = x + feats[level]
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = _checkpointed(blocks, x)
+                x = _run_blocks(blocks, x, True)
             else:
                 x = blocks(x)
             outs.append(x)
@@ -246,7 +251,7 @@ class CEDNetDecoder(nn.Module):
             up = F.interpolate(upsample(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = norm(skip + up)
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = _checkpointed(blocks, x)
+                x = _run_blocks(blocks, x, True)
             else:
                 x = blocks(x)
             outs[lvl] = x
