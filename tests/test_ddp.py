@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from slurm_helpers import job_env
 
-from testlib import TINY_SEG_DATA
+from testlib import TINY_DET, TINY_SEG_DATA
 
 #: Same tiny digits run as the Slurm tests (tests/slurm/slurm_helpers.py): odd validation set of 351 images.
 TINY_TRAIN = [
@@ -65,22 +65,6 @@ def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
     assert metrics["global_step"] == 4
     acc = metrics["metrics"]["val/acc1"]
     assert abs(acc * 351 - round(acc * 351)) < 1e-3  # correct / 351: each validation image counted once
-
-
-#: det_demo (2 gloo processes by default) on a tiny synthetic set of its own 256 px canvases: 5 validation
-#: images, an odd count. (Smaller canvases make P7 1x1, which GroupNorm(32) over 32 channels cannot normalise.)
-TINY_DET = [
-    "+experiment=det_demo",
-    "data.num_train=4",
-    "data.num_val=5",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "+trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
-    "extras.print_config=false",
-]
 
 
 def test_det_demo_ddp_gathers_every_image_once_and_eval_agrees(tmp_path: Path) -> None:

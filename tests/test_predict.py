@@ -17,7 +17,7 @@ from cednet_pl.eval import build_module
 from cednet_pl.models.checkpoint import read_checkpoint, unwrap_state_dict
 from cednet_pl.predict import predict, predict_detection, resolve_inputs
 from cednet_pl.train import train
-from testlib import compose_config
+from testlib import TINY_DET, compose_config
 
 
 def pcfg(make_cfg, *overrides: str) -> DictConfig:
@@ -165,26 +165,13 @@ def test_predict_and_export_trained_detector(tmp_path: Path, make_cfg) -> None:
     """det_demo trained for one tiny epoch: the checkpoint names its categories; predict and export rebuild it."""
     from cednet_pl.export import export
 
-    overrides = [
-        "+experiment=det_demo",
-        "trainer=cpu",
-        "data.num_train=4",
-        "data.num_val=2",
-        "data.batch_size=2",
-        "data.val_batch_size=2",
-        "trainer.max_epochs=1",
-        "trainer.check_val_every_n_epoch=1",
-        "+trainer.enable_progress_bar=false",
-        "callbacks.progress_bar=null",
-        "extras.print_config=false",
-    ]
-    cfg = compose_config("train", overrides, tmp_path / "train")
+    cfg = compose_config("train", [*TINY_DET, "trainer=cpu"], tmp_path / "train")
     train(cfg)
     ckpt_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(ckpt_path)
     assert ckpt["category_names"] == [str(d) for d in range(10)] and len(ckpt["category_ids"]) == 10
     val_dir = tmp_path / "train" / "data" / "synthetic_det" / "val"  # the generated validation images
-    assert len([f for f in val_dir.iterdir() if f.is_file()]) == 2
+    assert len([f for f in val_dir.iterdir() if f.is_file()]) == 5
     out = predict(pcfg(make_cfg, f"ckpt={ckpt_path}", f"input={val_dir}", "score_thresh=0.0"))
     assert out["task"] == "detection"
     results = json.loads((Path(out["output_dir"]) / "detections.json").read_text())

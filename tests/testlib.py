@@ -107,3 +107,18 @@ TINY_SEG_DATA = [
     "data.batch_size=2",
     "data.val_batch_size=2",
 ]
+
+#: det_demo (2 gloo processes by default) on a tiny synthetic set of its own 256 px canvases: 5 validation
+#: images, an odd count. (Smaller canvases make P7 1x1, which GroupNorm(32) over 32 channels cannot normalise.)
+TINY_DET = [
+    "+experiment=det_demo",
+    "data.num_train=4",
+    "data.num_val=5",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "trainer.max_epochs=1",
+    "trainer.check_val_every_n_epoch=1",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "extras.print_config=false",
+]
