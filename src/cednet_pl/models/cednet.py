@@ -31,7 +31,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import (
     adapt_input_conv,
-    build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
     named_apply,
@@ -44,10 +43,9 @@ from cednet_pl.models.checkpoint import (
     check_state_dict_keys,
     load_checkpoint_file,
     load_pretrained_file,
-    local_file_overlay,
     unwrap_state_dict,
 )
-from cednet_pl.models.factory import build_on_device
+from cednet_pl.models.factory import create_family_model
 
 __all__ = [
     "DECODERS",
@@ -729,20 +727,7 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
-    if kwargs.get("features_only"):
-        kwargs.setdefault("with_heads", False)
-    return build_on_device(
-        lambda **kw: build_model_with_cfg(
-            CEDNet,
-            variant,
-            pretrained,
-            pretrained_cfg_overlay=local_file_overlay(kw),
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
-            **kw,
-        ),
-        kwargs,
-    )
+    return create_family_model(CEDNet, variant, pretrained, checkpoint_filter_fn, 3, kwargs)  # type: ignore[return-value]
 
 
 def _cfg(num_stages: int = 3, **kwargs: Any) -> dict[str, Any]:

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import (
-    build_model_with_cfg,
     checkpoint_seq,
     generate_default_cfgs,
     named_apply,
@@ -55,10 +54,9 @@ from cednet_pl.models.cednet import adapt_first_conv
 from cednet_pl.models.checkpoint import (
     check_state_dict_keys,
     load_pretrained_file,
-    local_file_overlay,
     unwrap_state_dict,
 )
-from cednet_pl.models.factory import build_on_device
+from cednet_pl.models.factory import create_family_model
 
 __all__ = [
     "MSGAttention",
@@ -608,18 +606,7 @@ MSGTransformer.load_pretrained = _load_pretrained_file  # type: ignore[attr-defi
 
 # ---------------------------------------------------------------------- registration
 def _create_msg(variant: str, pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
-    return build_on_device(  # timm's device/dtype factory keywords
-        lambda **kw: build_model_with_cfg(
-            MSGTransformer,
-            variant,
-            pretrained,
-            pretrained_cfg_overlay=local_file_overlay(kw),
-            pretrained_filter_fn=msg_checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-            **kw,
-        ),
-        kwargs,
-    )
+    return create_family_model(MSGTransformer, variant, pretrained, msg_checkpoint_filter_fn, 4, kwargs)  # type: ignore[return-value]
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d, register_notrace_module, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint, get_device_states, set_device_states
 
@@ -39,10 +39,9 @@ from cednet_pl.models.cednet import _check_pool, _take_indices, adapt_first_conv
 from cednet_pl.models.checkpoint import (
     check_state_dict_keys,
     load_pretrained_file,
-    local_file_overlay,
     unwrap_state_dict,
 )
-from cednet_pl.models.factory import build_on_device
+from cednet_pl.models.factory import create_family_model
 
 __all__ = ["REVCOL_AUX_PREFIXES", "RevCol", "revcol_checkpoint_filter_fn"]
 
@@ -679,20 +678,7 @@ RevCol.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 
 # ---------------------------------------------------------------------- registration
 def _create_revcol(variant: str, pretrained: bool = False, **kwargs: Any) -> RevCol:
-    if kwargs.get("features_only"):
-        kwargs.setdefault("with_heads", False)
-    return build_on_device(  # timm's device/dtype factory keywords
-        lambda **kw: build_model_with_cfg(
-            RevCol,
-            variant,
-            pretrained,
-            pretrained_cfg_overlay=local_file_overlay(kw),
-            pretrained_filter_fn=revcol_checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-            **kw,
-        ),
-        kwargs,
-    )
+    return create_family_model(RevCol, variant, pretrained, revcol_checkpoint_filter_fn, 4, kwargs)  # type: ignore[return-value]
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
