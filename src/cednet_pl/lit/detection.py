@@ -33,7 +33,13 @@ from cednet_pl.evaluation.coco_eval import (
     write_results_json,
 )
 from cednet_pl.lit.optim import top_lr
-from cednet_pl.models.detection import CEDNetPyramid, RetinaNetDetector, TimmFPNBackbone, build_retinanet
+from cednet_pl.models.detection import (
+    CEDNetPyramid,
+    RetinaNetDetector,
+    TimmFPNBackbone,
+    build_retinanet,
+    detector_kind_of,
+)
 from cednet_pl.utils.logging import RankedLogger
 
 __all__ = [
@@ -185,6 +191,9 @@ class DetectionModule(L.LightningModule):
     monitor = "val/map"
     monitor_mode = "max"
     task = "detection"
+    #: The detector a checkpoint of this task holds (see ``detector_kind_of``) and the target keys it trains on.
+    detector_kind = "retinanet"
+    target_keys: tuple[str, ...] = ("boxes", "labels")
 
     def __init__(
         self,
@@ -215,13 +224,21 @@ class DetectionModule(L.LightningModule):
         self.num_classes = int(num_classes)
         backbone_kwargs = dict(backbone)
         self.pretrained = backbone_kwargs.pop("pretrained", None)
-        self.net: RetinaNetDetector = build_retinanet(
+        self.net: RetinaNetDetector = self.build_detector(
             build_backbone(**backbone_kwargs), self.num_classes, **detector
         )
         self.category_ids: list[int] | None = None
         self.results_path: Path | None = None
-        self._val_outputs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._val_outputs: list[tuple[int, dict[str, Any]]] = []
         self._val_image_ids: list[int] = []
+
+    @staticmethod
+    def build_detector(backbone: torch.nn.Module, num_classes: int, **detector: Any) -> torch.nn.Module:
+        """The detector around ``backbone`` (:func:`~cednet_pl.models.detection.build_retinanet`)."""
+        return build_retinanet(backbone, num_classes, **detector)
+
+    def _net_targets(self, targets: Sequence[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        return [{k: t[k] for k in self.target_keys} for t in targets]
 
     # ------------------------------------------------------------------ model
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -260,13 +277,16 @@ class DetectionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("cednet_config") or {}
         target = str((stored.get("model") or {}).get("_target_", ""))
-        if target and not target.endswith("DetectionModule"):
+        name = type(self).__name__
+        if target and not target.endswith("." + name):
             raise ValueError(
-                f"wrong-task checkpoint: it holds a {target} model, not a detection model (DetectionModule)"
+                f"wrong-task checkpoint: it holds a {target} model, not a {self.task} model ({name})"
             )
-        if not any(k.startswith("net.head.") for k in checkpoint.get("state_dict", {})):
+        kind = detector_kind_of(checkpoint.get("state_dict", {}))
+        if kind != self.detector_kind:
             raise ValueError(
-                "wrong-task checkpoint: it has no RetinaNet head (net.head.*); not a detection checkpoint"
+                f"wrong-task checkpoint: it holds {f'a {kind} detector' if kind else 'no detector head'}, "
+                f"not a {self.detector_kind} one ({name})"
             )
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
@@ -280,7 +300,7 @@ class DetectionModule(L.LightningModule):
         self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int
     ) -> torch.Tensor:
         images, targets = batch
-        losses = self.net(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        losses = self.net(images, self._net_targets(targets))
         loss = sum(losses.values())
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -295,9 +315,7 @@ class DetectionModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], prefix: str) -> None:
         images, targets = batch
-        losses, detections = self.net.forward_with_loss(
-            images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        )
+        losses, detections = self.net.forward_with_loss(images, self._net_targets(targets))
         n = len(images)
         self.log(f"{prefix}/loss", sum(losses.values()), batch_size=n, sync_dist=True)
         for name, value in losses.items():
@@ -305,7 +323,11 @@ class DetectionModule(L.LightningModule):
         for t, det in zip(targets, detections, strict=True):
             image_id = int(t["image_id"])
             self._val_image_ids.append(image_id)
-            self._val_outputs.append((image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu()))
+            self._val_outputs.append((image_id, self._keep_detections(det)))
+
+    def _keep_detections(self, det: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What validation keeps of one image's detections until the epoch ends (on the CPU)."""
+        return {k: det[k].cpu() for k in ("boxes", "scores", "labels")}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -334,7 +356,7 @@ class DetectionModule(L.LightningModule):
             )
         return Path(dm.val_annotation_file)
 
-    def _gather(self) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], list[int]]:
+    def _gather(self) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
         outputs, image_ids = self._val_outputs, self._val_image_ids
         if (
             self.trainer.world_size > 1
@@ -345,7 +367,7 @@ class DetectionModule(L.LightningModule):
             torch.distributed.all_gather_object(gathered, (outputs, image_ids))
             outputs = [o for part in gathered for o in part[0]]
             image_ids = [i for part in gathered for i in part[1]]
-        unique: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        unique: dict[int, tuple[int, dict[str, Any]]] = {}
         for out in outputs:
             unique.setdefault(out[0], out)
         return [unique[k] for k in sorted(unique)], sorted(set(image_ids))
@@ -361,6 +383,11 @@ class DetectionModule(L.LightningModule):
         self.log_dict({f"{prefix}/{k}": float(v) for k, v in stats.items()}, sync_dist=False)
         self._val_outputs, self._val_image_ids = [], []
 
+    def _coco_results(self, outputs: list[tuple[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """COCO results entries per iou type (``bbox`` here)."""
+        ids, dets = [o[0] for o in outputs], [o[1] for o in outputs]
+        return {"bbox": detections_to_coco_results(ids, dets, self.category_ids)}
+
     def _evaluate(self, outputs: list, image_ids: list[int], prefix: str) -> dict[str, float]:
         if self.category_ids is None:
             raise ValueError(
@@ -369,12 +396,6 @@ class DetectionModule(L.LightningModule):
         ann_file = self._annotation_file()
         backend = self.hparams["evaluation"].get("backend", "pycocotools")
         out_dir = Path(self.trainer.default_root_dir)
-        results = detections_to_coco_results(
-            [o[0] for o in outputs],
-            [{"boxes": o[1], "scores": o[2], "labels": o[3]} for o in outputs],
-            self.category_ids,
-        )
-        self.results_path = write_results_json(results, out_dir / f"coco_results_{prefix}.json")
         with ann_file.open("rb") as f:
             all_ids = {int(im["id"]) for im in json.load(f)["images"]}
         subset = None
@@ -384,15 +405,32 @@ class DetectionModule(L.LightningModule):
                 f"COCO evaluation on {len(image_ids)} of the {len(all_ids)} images of {ann_file} "
                 "(partial validation); the numbers are not comparable to a full evaluation"
             )
-        stats, summary = evaluate_coco(ann_file, self.results_path, backend=backend, image_ids=subset)
-        log.info(f"COCO box evaluation ({backend}) of {self.results_path}:\n{summary}")
+        stats: dict[str, float] = {}
+        files: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for iou_type, results in self._coco_results(outputs).items():
+            # NOTE: box results keep their historical names (coco_results_val.json, val/map ...); masks get a
+            # file of their own (no bbox entries, see cednet_pl.evaluation.coco_eval) and `mask_` metrics
+            tag = "" if iou_type == "bbox" else "mask_"
+            path = write_results_json(
+                results, out_dir / f"coco_{'segm_' if iou_type == 'segm' else ''}results_{prefix}.json"
+            )
+            if iou_type == "bbox":
+                self.results_path = path
+            values, summary = evaluate_coco(
+                ann_file, path, backend=backend, image_ids=subset, iou_type=iou_type
+            )
+            log.info(f"COCO {iou_type} evaluation ({backend}) of {path}:\n{summary}")
+            stats.update({f"{tag}{k}": values[k] for k in COCO_STAT_NAMES})
+            files[iou_type], counts[iou_type] = str(path), len(results)
         report = {
-            "metrics": {f"{prefix}/{k}": stats[k] for k in COCO_STAT_NAMES},
+            "metrics": {f"{prefix}/{k}": v for k, v in stats.items()},
             "annotation_file": str(ann_file),
-            "results_file": str(self.results_path),
+            "results_file": files["bbox"],
+            "results_files": files,
             "backend": backend,
             "num_images": len(subset) if subset is not None else len(all_ids),
-            "num_detections": len(results),
+            "num_detections": counts["bbox"],
             "epoch": int(self.current_epoch),
             "global_step": int(self.global_step),
         }
