@@ -18,7 +18,9 @@ from testlib import make_image_folder
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("cls_*.yaml"))
 IN1K_EXPERIMENTS = [e for e in EXPERIMENTS if e != "cls_digits"]
 CLS_MODELS = sorted(
-    p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith(("retinanet", "classifier"))
+    p.stem
+    for p in (CONF_DIR / "model").glob("*.yaml")
+    if not p.stem.startswith(("retinanet", "maskrcnn", "classifier"))
 )
 
 

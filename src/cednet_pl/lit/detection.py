@@ -44,6 +44,7 @@ from cednet_pl.utils.logging import RankedLogger
 
 __all__ = [
     "BACKBONES",
+    "DETECTION_TASKS",
     "DetectionModule",
     "build_backbone",
     "build_multistep_scheduler",
@@ -53,6 +54,8 @@ __all__ = [
 log = RankedLogger(__name__)
 
 BACKBONES = {"cednet": CEDNetPyramid, "timm_fpn": TimmFPNBackbone}
+#: ``task`` of the LightningModules whose ``net`` has ``forward_with_loss`` (the analysis runs on all of them).
+DETECTION_TASKS = ("detection", "instance_segmentation")
 
 
 def _plain(value: Any) -> Any:
@@ -305,7 +308,7 @@ class DetectionModule(L.LightningModule):
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=n)
+            self.log(f"train/loss_{name.removeprefix('loss_')}", value, batch_size=n)
         self.log("train/lr", top_lr(self.trainer.optimizers[0]), batch_size=n)
         return loss
 
@@ -319,7 +322,7 @@ class DetectionModule(L.LightningModule):
         n = len(images)
         self.log(f"{prefix}/loss", sum(losses.values()), batch_size=n, sync_dist=True)
         for name, value in losses.items():
-            self.log(f"{prefix}/loss_{name}", value, batch_size=n, sync_dist=True)
+            self.log(f"{prefix}/loss_{name.removeprefix('loss_')}", value, batch_size=n, sync_dist=True)
         for t, det in zip(targets, detections, strict=True):
             image_id = int(t["image_id"])
             self._val_image_ids.append(image_id)
