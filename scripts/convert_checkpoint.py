@@ -25,7 +25,8 @@ import timm
 import torch
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants)
-from cednet_pl.models.cednet import checkpoint_filter_fn, load_checkpoint_file
+from cednet_pl.models.cednet import checkpoint_filter_fn
+from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import aux_head_prefixes
 
 HEAD_PREFIXES = ("final_layers.", "norms.", "heads.")

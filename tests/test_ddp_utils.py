@@ -1,4 +1,4 @@
-"""Rank/Slurm helpers of `cednet_pl.utils.distributed`: layout validation, per-rank setup, samplers."""
+"""Rank/Slurm helpers (`cednet_pl.utils.slurm`, `cednet_pl.utils.ranks`) and the samplers (`cednet_pl.data.samplers`)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,13 @@ from hydra.types import RunMode
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf, open_dict, read_write
 
-from cednet_pl.utils.data import EpochSeededRandomSampler
-from cednet_pl.utils.distributed import (
-    EpochSeededDistributedSampler,
+from cednet_pl.data.samplers import EpochSeededSampler, exact_eval_sampler, train_sampler
+from cednet_pl.utils.ranks import global_rank, quiet_nonzero_ranks, rank_hydra_overrides, rank_log
+from cednet_pl.utils.slurm import (
     LaunchConfigError,
     check_local_multirun,
-    exact_eval_sampler,
-    global_rank,
-    quiet_nonzero_ranks,
-    rank_hydra_overrides,
-    rank_log,
     resolve_devices,
     slurm_gpus_per_node,
-    train_sampler,
     validate_launch,
 )
 
@@ -157,6 +151,8 @@ def test_quiet_nonzero_ranks(tmp_path: Path) -> None:
     assert root.level == logging.WARNING
     assert not logging.getLogger("cednet_pl.train").isEnabledFor(logging.INFO)
     assert rank_log.isEnabledFor(logging.INFO)
+    # Lightning's per-rank "Initializing distributed: GLOBAL_RANK: r, MEMBER: r+1/W" line stays
+    assert logging.getLogger("lightning.fabric.utilities.distributed").isEnabledFor(logging.INFO)
     root.removeHandler(other)
     other.close()
 
@@ -164,13 +160,13 @@ def test_quiet_nonzero_ranks(tmp_path: Path) -> None:
 def test_epoch_seeded_distributed_sampler_matches_single_process() -> None:
     """W ranks with batch b see, step by step, exactly the batches of one process with batch W * b."""
     n, world, b = 103, 2, 8
-    single = EpochSeededRandomSampler(n, seed=3)
+    single = EpochSeededSampler(range(n), seed=3)
     for epoch in (0, 1):
         single.set_epoch(epoch)
         order = list(single)
         shards = []
         for rank in range(world):
-            sampler = EpochSeededDistributedSampler(range(n), seed=3, num_replicas=world, rank=rank)
+            sampler = EpochSeededSampler(range(n), seed=3, num_replicas=world, rank=rank)
             sampler.set_epoch(epoch)
             shards.append(list(sampler))
         assert [len(s) for s in shards] == [52, 52]  # padded to a multiple of the world size
@@ -178,10 +174,27 @@ def test_epoch_seeded_distributed_sampler_matches_single_process() -> None:
             together = sorted(i for s in shards for i in s[k * b : (k + 1) * b])
             assert together == sorted(order[k * world * b : (k + 1) * world * b])
         assert sorted(set(shards[0]) | set(shards[1])) == list(range(n))
-    assert shards[0] != list(EpochSeededDistributedSampler(range(n), seed=3, num_replicas=2, rank=0))
-    paired = EpochSeededDistributedSampler(range(n), seed=3, num_replicas=2, rank=1, with_epoch=True)
+    assert shards[0] != list(EpochSeededSampler(range(n), seed=3, num_replicas=2, rank=0))
+    paired = EpochSeededSampler(range(n), seed=3, num_replicas=2, rank=1, with_epoch=True)
     paired.set_epoch(1)
     assert list(paired) == [(i, 1) for i in shards[1]]
+
+
+def test_epoch_seeded_sampler_is_torchs_distributed_sampler_order() -> None:
+    """The training order is exactly torch's `DistributedSampler(shuffle=True, seed)` order, for any world size."""
+    from torch.utils.data import DistributedSampler
+
+    for world in (1, 3):
+        for rank in range(world):
+            ours, torchs = (
+                EpochSeededSampler(range(50), seed=7, num_replicas=world, rank=rank),
+                DistributedSampler(range(50), num_replicas=world, rank=rank, shuffle=True, seed=7),
+            )
+            ours.set_epoch(2)
+            torchs.set_epoch(2)
+            assert list(ours) == list(torchs)
+    with pytest.raises(ValueError, match="empty dataset"):
+        EpochSeededSampler([])
 
 
 def test_unpadded_eval_shards_cover_odd_set_once() -> None:
@@ -195,7 +208,7 @@ def test_unpadded_eval_shards_cover_odd_set_once() -> None:
 
 def test_samplers_without_process_group() -> None:
     assert exact_eval_sampler(range(5)) is None
-    assert isinstance(train_sampler(range(5), seed=1), EpochSeededRandomSampler)
+    assert isinstance(train_sampler(range(5), seed=1), EpochSeededSampler)
     assert next(iter(train_sampler(range(3), seed=1, with_epoch=True)))[1] == 0
 
 

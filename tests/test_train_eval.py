@@ -14,8 +14,9 @@ from lightning import Callback
 
 import cednet_pl.train as train_mod
 from cednet_pl.eval import evaluate
+from cednet_pl.models.checkpoint import unwrap_state_dict
 from cednet_pl.train import train
-from cednet_pl.utils import NonFiniteLossError, lightning_to_state_dict
+from cednet_pl.utils import NonFiniteLossError
 from cednet_pl.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
 from testlib import compose_config
 
@@ -61,7 +62,7 @@ def test_train_writes_checkpoints_and_metrics(trained_run: Path) -> None:
     assert 0.0 <= metrics["val/acc1"] <= 1.0
     assert metrics["train/throughput"] > 0
     assert Path(payload["best_model_path"]).is_file()
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["cednet_config"]["model"]["net"]["name"] == "cednet_next_nano"
     assert any(k.startswith("net.") for k in ckpt["state_dict"])
     assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
@@ -89,10 +90,19 @@ def test_eval_applies_cli_overrides_to_stored_config(trained_run: Path, make_cfg
     assert objects["datamodule"].image_size == 32  # from the checkpoint, not eval.yaml's default 64
 
 
+def test_eval_without_ema_rebuilds_from_checkpoint(trained_run: Path, make_cfg) -> None:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    metrics, objects = evaluate(
+        make_cfg("eval", [f"ckpt={ckpt}", "ema=false", "+trainer.limit_val_batches=2"])
+    )
+    assert objects["model"].ema is None and "val/acc1_ema" not in metrics
+    assert metrics["val/acc1"] == pytest.approx(_metrics(trained_run)["metrics"]["val/acc1"], abs=1e-6)
+
+
 def test_eval_released_state_dict(trained_run: Path, make_cfg, tmp_path: Path) -> None:
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     pth = tmp_path / "nano.pth"
-    torch.save(lightning_to_state_dict(ckpt), pth)
+    torch.save(unwrap_state_dict(ckpt), pth)
     cfg = make_cfg(
         "eval",
         [
@@ -129,7 +139,7 @@ def test_eval_truncated_checkpoint(trained_run: Path, make_cfg, tmp_path: Path) 
 
 
 def test_eval_wrong_task_checkpoint(trained_run: Path, make_cfg, tmp_path: Path) -> None:
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     ckpt["cednet_config"]["model"]["_target_"] = "cednet_pl.lit.detection.DetectionModule"
     path = tmp_path / "det.ckpt"
     torch.save(ckpt, path)
@@ -139,7 +149,7 @@ def test_eval_wrong_task_checkpoint(trained_run: Path, make_cfg, tmp_path: Path)
 
 
 def test_eval_foreign_lightning_checkpoint(trained_run: Path, make_cfg, tmp_path: Path) -> None:
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     del ckpt["cednet_config"]
     path = tmp_path / "foreign.ckpt"
     torch.save(ckpt, path)
@@ -149,9 +159,9 @@ def test_eval_foreign_lightning_checkpoint(trained_run: Path, make_cfg, tmp_path
 
 
 def test_eval_state_dict_of_wrong_model(trained_run: Path, make_cfg, tmp_path: Path) -> None:
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     pth = tmp_path / "nano.pth"
-    torch.save(lightning_to_state_dict(ckpt), pth)
+    torch.save(unwrap_state_dict(ckpt), pth)
     cfg = make_cfg("eval", [f"ckpt={pth}", "model=cednet_next_tiny", "data.image_size=32"])
     with pytest.raises(RuntimeError, match="does not match"):
         evaluate(cfg)
@@ -221,7 +231,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
     full, _ = train(full_cfg)
     full_dir = Path(full_cfg.paths.output_dir)
     assert Path(_metrics(full_dir)["best_model_path"]).name == "epoch_000.ckpt"
-    last = torch.load(full_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(full_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 4)
 
     cfg = compose_config("train", overrides, tmp_path / "resumed")
@@ -251,7 +261,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     ):
         train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 

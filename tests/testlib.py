@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning import Callback
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
@@ -46,3 +48,20 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 4, size: in
                 pixels = torch.randint(0, 256, (size, size + 8, 3), generator=gen, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(d / f"img_{i}.JPEG", quality=90)
     return root
+
+
+class RankMetrics(Callback):
+    """Write each rank's `val/*` callback metrics after every validation to `<out_dir>/rank<r>.json`.
+
+    For tests that compare what every DDP rank computed (add it with `+callbacks.rank_metrics._target_=...`).
+    """
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))

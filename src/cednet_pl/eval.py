@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cednet_pl  # noqa: F401  (registers the CEDNet timm models)
+from cednet_pl.models.checkpoint import is_lightning_checkpoint, read_checkpoint
 from cednet_pl.utils import (
     CONF_DIR,
     CONFIG_KEY,
@@ -35,11 +36,9 @@ from cednet_pl.utils import (
     instantiate_loggers,
     instantiate_node,
     instantiate_trainer,
-    load_checkpoint,
     write_metrics,
 )
-from cednet_pl.utils.checkpoint import is_lightning_checkpoint
-from cednet_pl.utils.distributed import add_rank_hydra_overrides, setup_distributed_run
+from cednet_pl.utils.ranks import add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
 log = RankedLogger(__name__)
@@ -97,12 +96,18 @@ def merge_with_overrides(
     return plain(result)
 
 
-def _task_of(model_cfg: dict[str, Any]) -> str:
+def _module_class(model_cfg: dict[str, Any], path: Path) -> type[L.LightningModule]:
+    """The LightningModule class a model config names (a clear error when it cannot be imported)."""
     target = str(model_cfg.get("_target_", ""))
     try:
         cls = hydra.utils.get_class(target)
-    except Exception:
-        return target.rsplit(".", 1)[-1]
+    except (ImportError, ValueError) as err:
+        raise ValueError(f"{path}: cannot import the model class {target!r} ({err})") from err
+    return cls
+
+
+def _task_of(model_cfg: dict[str, Any], path: Path) -> str:
+    cls = _module_class(model_cfg, path)
     return str(getattr(cls, "task", cls.__name__))
 
 
@@ -119,7 +124,7 @@ def build_from_checkpoint(
     overrides = cli_overrides()
     model_cfg = merge_with_overrides(stored["model"], cfg, "model", overrides)
     data_cfg = merge_with_overrides(stored["data"], cfg, "data", overrides)
-    ckpt_task, new_task = _task_of(stored["model"]), _task_of(model_cfg)
+    ckpt_task, new_task = _task_of(stored["model"], path), _task_of(model_cfg, path)
     if ckpt_task != new_task:
         raise ValueError(
             f"wrong-task checkpoint: {path} holds a {ckpt_task} model ({stored['model'].get('_target_')}) but the "
@@ -155,7 +160,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("ckpt") in (None, "", "???") or OmegaConf.is_missing(cfg, "ckpt"):
         raise ValueError("cednet-eval needs ckpt=PATH (a cednet-train .ckpt or a state_dict .pth)")
     path = Path(str(cfg.ckpt)).expanduser()
-    ckpt = load_checkpoint(path)
+    weights_only = not cfg.get("allow_pickle", False)
+    ckpt = read_checkpoint(path, weights_only=weights_only)
     output_dir = Path(cfg.paths.output_dir)
     # Slurm/DDP layout check (fails fast on tasks/nodes vs devices mismatches), quiet non-zero ranks
     setup_distributed_run(cfg.trainer, output_dir)
@@ -169,21 +175,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             model_cfg["ema"] = None
     else:
         model_cfg, data_cfg = build_for_state_dict(cfg, path)
+    del ckpt
 
     datamodule: L.LightningDataModule = instantiate_node(data_cfg, "datamodule")
-    model: L.LightningModule = instantiate_node(model_cfg, "model")
+    model: L.LightningModule
     if lightning_ckpt:
-        state = ckpt["state_dict"]
-        if model_cfg.get("ema") is None:
-            state = {k: v for k, v in state.items() if not k.startswith("ema.")}
-        result = model.load_state_dict(state, strict=False)
-        problems = [*result.missing_keys, *result.unexpected_keys]
-        if problems:
-            raise ValueError(
-                f"checkpoint {path} does not fit the model {model_cfg.get('_target_')}: "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:5]}), "
-                f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:5]})"
+        # hyper-parameters from the checkpoint (save_hyperparameters), updated with the merged config's values
+        cls = _module_class(model_cfg, path)
+        init_kwargs = {k: v for k, v in model_cfg.items() if k != "_target_"}
+        try:
+            model = cls.load_from_checkpoint(
+                path, map_location="cpu", strict=True, weights_only=weights_only, **init_kwargs
             )
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {path} does not fit the model {model_cfg.get('_target_')}: {err}"
+            ) from err
+    else:
+        model = instantiate_node(model_cfg, "model")
 
     with open_dict(cfg):
         cfg.model = model_cfg

@@ -20,9 +20,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import cednet_pl  # noqa: F401  (registers the CEDNet timm models)
 from cednet_pl.utils import (
     CONF_DIR,
-    ConfigInCheckpoint,
-    EpochSeed,
-    FiniteLossGuard,
     RankedLogger,
     extras,
     get_metric_value,
@@ -34,7 +31,7 @@ from cednet_pl.utils import (
     write_metrics,
 )
 from cednet_pl.utils.checkpoint import checkpoint_dir
-from cednet_pl.utils.distributed import DistributedRunReport, add_rank_hydra_overrides, setup_distributed_run
+from cednet_pl.utils.ranks import add_rank_hydra_overrides, setup_distributed_run
 from cednet_pl.utils.run import plain, to_float_dict
 
 log = RankedLogger(__name__)
@@ -88,21 +85,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     resolve_monitor(cfg, model)
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    callbacks.append(FiniteLossGuard())
-    callbacks.append(DistributedRunReport())
-    if cfg.get("seed") is not None:
-        callbacks.append(EpochSeed(cfg.seed))
-    callbacks.append(
-        ConfigInCheckpoint(
-            {
-                "task_name": cfg.get("task_name"),
-                "monitor": cfg.monitor,
-                "monitor_mode": cfg.monitor_mode,
-                "model": plain(cfg.model),
-                "data": plain(cfg.data),
-            }
-        )
-    )
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate_trainer(cfg.trainer, callbacks, loggers)
     objects = {
@@ -120,7 +102,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         log.info(f"Starting training{f' from {ckpt_path}' if ckpt_path else ''}")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(to_float_dict(trainer.callback_metrics))
         extra["resumed_from"] = ckpt_path
         extra["global_step"] = trainer.global_step
@@ -135,7 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test", False):
         best = extra.get("best_model_path")
         log.info(f"Testing {best or 'the current weights'}")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(to_float_dict(trainer.callback_metrics))
     if trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", metrics, extra)

@@ -5,7 +5,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from cednet_pl.analysis.compare import load_detector, main
 from cednet_pl.analysis.quality import read_quality, write_quality
@@ -25,11 +24,11 @@ def two_runs(tmp_path_factory, tiny):
         trainer.validate(module, datamodule=tiny.datamodule(), verbose=False)
         ckpt = run / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(ckpt)
-        # as cednet-train writes it: the run's configs (OmegaConf containers) stored in the checkpoint
-        saved = torch.load(ckpt, weights_only=False)
+        # as cednet-train writes it: the run's configs (plain containers) stored in the checkpoint
+        saved = torch.load(ckpt, weights_only=True)
         saved["cednet_config"] = {
             "model": {"_target_": "cednet_pl.lit.detection.DetectionModule"},
-            "data": OmegaConf.create({"num_digits": [1, 2]}),
+            "data": {"num_digits": [1, 2]},
         }
         torch.save(saved, ckpt)
         runs.append(run)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cednet_pl.data.digits import DigitsDataModule
-from cednet_pl.utils.data import EpochSeededRandomSampler
+from cednet_pl.data.samplers import EpochSeededSampler
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_fixed_stratified_split() -> None:
 def test_train_loader_drops_last_and_is_epoch_deterministic(digits: DigitsDataModule) -> None:
     loader = digits.train_dataloader()
     assert loader.drop_last
-    assert isinstance(loader.sampler, EpochSeededRandomSampler) and loader.sampler.with_epoch
+    assert isinstance(loader.sampler, EpochSeededSampler) and loader.sampler.with_epoch
     first = next(iter(loader))
     again = next(iter(digits.train_dataloader()))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

@@ -160,7 +160,7 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    stored = torch.load(ckpt, map_location="cpu", weights_only=False)
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert stored["category_ids"] == list(range(1, 20, 2))
 
     ecfg = make_cfg("eval", [f"ckpt={ckpt}"])
@@ -200,7 +200,7 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
         backbone={"kind": "cednet", "model_name": "cednet_next_nano", "out_channels": 32}, num_classes=10
     )
     with pytest.raises(ValueError, match="wrong-task checkpoint"):
-        module.on_load_checkpoint(torch.load(cls_ckpt, weights_only=False))
+        module.on_load_checkpoint(torch.load(cls_ckpt, weights_only=True))
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,7 @@ def test_group_matcher_for_layer_decay(make_nano: MakeNano) -> None:
     assert model.group_matcher(coarse=True) == model.group_matcher(coarse=False)
 
 
-def test_init_kaiming_fan_out_and_head_scale() -> None:
+def test_init_kaiming_fan_out_and_trunc_normal_head_scale() -> None:
     torch.manual_seed(0)
     model = timm.create_model("cednet_next_nano", head_init_scale=0.5)
     conv = model.final_layers[0][0]  # 128 -> 256 conv1x1: fan_out 256
@@ -206,12 +206,31 @@ def test_init_kaiming_fan_out_and_head_scale() -> None:
     assert fc1.weight.std().item() == pytest.approx(1 / math.sqrt(512), rel=0.05)
     biases = [m.bias for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
     assert all(torch.count_nonzero(b) == 0 for b in biases)
-    head = model.heads[0].weight  # fan_out 1000, scaled by 0.5
-    assert head.std().item() == pytest.approx(0.5 / math.sqrt(1000), rel=0.05)
+    head = model.heads[0].weight  # trunc-normal 0.01 whatever num_classes, scaled by 0.5
+    assert head.std().item() == pytest.approx(0.5 * 0.01, rel=0.05)
     gammas = [m.gamma for m in model.modules() if getattr(m, "gamma", None) is not None]
     assert gammas and all(torch.all(g == 1e-6) for g in gammas)
     zero = timm.create_model("cednet_next_nano", head_init_scale=0.0)
     assert all(torch.count_nonzero(h.weight) == 0 for h in zero.heads)
+
+
+@pytest.mark.parametrize("name", ["cednet_next_nano", "cednet_next_tiny"])
+def test_initial_logits_do_not_scale_with_few_classes(name: str) -> None:
+    """Fine-tuning starts sane: initial logit std < 1 for 2, 10 and 1000 classes and after reset_classifier.
+
+    (The released kaiming fan_out init gave std 1/sqrt(num_classes) per weight: logit std 32.6 for 2 classes.)
+    """
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)  # 64 images: the std of 2 x 64 logits is a steady estimate
+    for num_classes in (2, 10, 1000):
+        model = timm.create_model(name, num_classes=num_classes).eval()
+        with torch.no_grad():
+            stds = [logits.std().item() for logits in model.forward_stage_logits(x)]
+        assert max(stds) < 1.0, (num_classes, stds)
+    model.reset_classifier(5)
+    assert model.heads[0].bias.abs().sum() == 0
+    with torch.no_grad():
+        assert model(x).std().item() < 1.0
 
 
 def test_default_cfg_consistency() -> None:

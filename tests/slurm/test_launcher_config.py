@@ -13,7 +13,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from slurm_helpers import SLURM_SCRIPTS, TRAIN_SBATCH, SlurmUnavailable, start_cluster
 
-from cednet_pl.utils.distributed import LaunchConfigError, check_slurm_launcher
+from cednet_pl.utils.slurm import LaunchConfigError, check_slurm_launcher
 
 
 def _fake_slurm_bin(tmp_path: Path) -> Path:
@@ -40,7 +40,7 @@ def test_launcher_preset_matches_trainer_cpu(make_cfg: Callable[..., DictConfig]
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (1, 2, None)
     assert params["max_num_timeout"] == 0
     assert params["additional_parameters"] == {"signal": "USR1@90", "requeue": True}
-    assert cfg.hydra.callbacks.slurm_check._target_ == "cednet_pl.utils.distributed.SlurmLauncherCheck"
+    assert cfg.hydra.callbacks.slurm_check._target_ == "cednet_pl.utils.slurm.SlurmLauncherCheck"
 
 
 def test_launcher_preset_sbatch_script_gpu_4x8(

@@ -94,7 +94,7 @@ def test_sbatch_ddp_two_ranks_matches_single_process(slurm_cluster: SlurmCluster
 
     # one process group of 2: each rank logs its join line once
     for rank in (0, 1):
-        joined = re.findall(rf"rank {rank}/2 joined the process group \(backend gloo", log)
+        joined = re.findall(rf"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2", log)
         assert len(joined) == 1, f"rank {rank}: {joined}\n{log[-3000:]}"
     assert "fit start: epoch 0 global_step 0 world_size 2" in log
 
@@ -229,7 +229,7 @@ def test_submitit_launcher_one_job_per_run(slurm_cluster: SlurmCluster, tmp_path
         assert metrics["global_step"] == 4
         assert (sweep / str(num) / "checkpoints" / "last.ckpt").is_file()
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
-    assert len(re.findall(r"rank 1/2 joined the process group", logs)) == 2
+    assert len(re.findall(r"Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2", logs)) == 2
 
 
 def test_mismatched_layouts_fail_fast_with_clear_errors(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -128,11 +128,11 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
     import hydra
 
     from cednet_pl.lit.detection import DETECTION_TASKS, DetectionModule
+    from cednet_pl.models.checkpoint import CONFIG_KEY, is_lightning_checkpoint, read_checkpoint
     from cednet_pl.models.detection import detector_kind_of
-    from cednet_pl.utils.checkpoint import CONFIG_KEY, is_lightning_checkpoint, load_checkpoint
 
     path = Path(path).expanduser()
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     if not is_lightning_checkpoint(ckpt):
         raise ValueError(
             f"{path} is not a detector checkpoint: it is a plain state_dict; cednet-compare needs the Lightning "
@@ -143,7 +143,7 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
     if target:
         try:
             cls = hydra.utils.get_class(target)
-        except Exception as err:
+        except (ImportError, ValueError) as err:
             raise ValueError(f"{path}: cannot import its model class {target} ({err})") from err
     task = getattr(cls, "task", None)
     has_head = detector_kind_of(ckpt.get("state_dict", {})) is not None
@@ -152,18 +152,13 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
             f"{path} is not a detector checkpoint: it holds a {task or 'non-detection'} model "
             f"({target or 'no cednet_config'}); cednet-compare needs checkpoints of detection runs (DetectionModule)"
         )
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    del ckpt
     try:
-        module = cls(**hparams)
+        module = cls.load_from_checkpoint(path, map_location="cpu", strict=True, weights_only=True)
     except TypeError as err:
         raise ValueError(f"{path}: its hyper_parameters do not rebuild {cls.__name__} ({err})") from err
-    module.on_load_checkpoint(ckpt)
-    result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit {cls.__name__}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit {cls.__name__}: {err}") from err
     return module.to(device).eval()
 
 

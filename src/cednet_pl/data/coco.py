@@ -40,8 +40,8 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from cednet_pl.data.det_transforms import boxes_from_masks, build_train_transforms, copy_paste
+from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
 from cednet_pl.evaluation.coco_eval import load_coco_json
-from cednet_pl.utils.distributed import exact_eval_sampler
 
 __all__ = ["COCODataModule", "COCODetection", "detection_collate"]
 
@@ -294,6 +294,8 @@ class COCODataModule(L.LightningDataModule):
             model config can interpolate it).
         test_max_size: Longest side at test time.
         size_divisible: Test-time padding multiple.
+        shuffle_seed: Seed of the epoch-deterministic training order (DDP ranks take interleaved shards of it, a
+            resumed run sees the same order as an uninterrupted one).
         with_masks: Instance masks in every sample (Mask R-CNN; see :class:`COCODetection`).
     """
 
@@ -317,6 +319,7 @@ class COCODataModule(L.LightningDataModule):
         test_min_size: int = 800,
         test_max_size: int = 1333,
         size_divisible: int = 128,
+        shuffle_seed: int = 0,
         with_masks: bool = False,
     ) -> None:
         super().__init__()
@@ -381,11 +384,15 @@ class COCODataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        sampler = None if shuffle else exact_eval_sampler(dataset)
+        # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards (every image once)
+        sampler = (
+            train_sampler(dataset, self.hparams.shuffle_seed, trainer=self.trainer)
+            if shuffle
+            else exact_eval_sampler(dataset)
+        )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

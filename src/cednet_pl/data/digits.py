@@ -9,15 +9,13 @@ The train/val split is stratified and fixed by `split_seed`. Training augmentati
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from cednet_pl.utils.data import EpochSeededRandomSampler, current_epoch
-from cednet_pl.utils.distributed import exact_eval_sampler, train_sampler
+from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
 
 
 def load_digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +32,7 @@ def load_digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 class DigitsDataset(Dataset):
     """In-memory digits with optional random-affine augmentation.
 
-    Indexed by an int, or by `(index, epoch)` (from `EpochSeededRandomSampler(with_epoch=True)`): the augmentation
+    Indexed by an int, or by `(index, epoch)` (from `EpochSeededSampler(with_epoch=True)`): the augmentation
     of a sample then depends only on `seed`, the epoch and the index, whichever process or iterator draws it.
 
     Args:
@@ -164,22 +162,18 @@ class DigitsDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards, so val metrics
-            # count every sample exactly once (cednet_pl.utils.distributed)
-            sampler=self._train_sampler(dataset) if train else exact_eval_sampler(dataset),
+            # count every sample exactly once (cednet_pl.data.samplers)
+            # (train: (index, epoch) keys give per-sample augmentation seeds, exact on resume)
+            sampler=(
+                train_sampler(dataset, self.hparams.shuffle_seed, with_epoch=True, trainer=self.trainer)
+                if train
+                else exact_eval_sampler(dataset)
+            ),
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=bool(self.hparams.persistent_workers and workers > 0),
             drop_last=train,
         )
-
-    def _train_sampler(self, dataset: Dataset) -> Any:
-        sampler = train_sampler(dataset, self.hparams.shuffle_seed)
-        if isinstance(sampler, EpochSeededRandomSampler):
-            # (index, epoch) keys: per-sample augmentation seeds, exact on resume
-            sampler.with_epoch = True
-        # NOTE: Lightning builds (and prefetches from) a resumed run's first iterator before calling set_epoch
-        sampler.set_epoch(current_epoch(self.trainer))
-        return sampler
 
     def train_dataloader(self) -> DataLoader:
         assert self.data_train is not None, "call setup() first"

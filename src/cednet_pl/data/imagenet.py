@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from cednet_pl.utils.data import current_epoch
-from cednet_pl.utils.distributed import exact_eval_sampler, train_sampler
+from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
@@ -285,19 +284,17 @@ class ImageNetDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards, so val metrics
-            # count every sample exactly once (cednet_pl.utils.distributed)
-            sampler=self._train_sampler(dataset) if train else exact_eval_sampler(dataset),
+            # count every sample exactly once (cednet_pl.data.samplers)
+            sampler=(
+                train_sampler(dataset, self.hparams.shuffle_seed, trainer=self.trainer)
+                if train
+                else exact_eval_sampler(dataset)
+            ),
             num_workers=hp.num_workers,
             pin_memory=hp.pin_memory,
             persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
             drop_last=train,
         )
-
-    def _train_sampler(self, dataset: Dataset) -> Any:
-        sampler = train_sampler(dataset, self.hparams.shuffle_seed)
-        # NOTE: Lightning builds (and prefetches from) a resumed run's first iterator before calling set_epoch
-        sampler.set_epoch(current_epoch(self.trainer))
-        return sampler
 
     def train_dataloader(self) -> DataLoader:
         assert self.data_train is not None, "call setup('fit') first"

@@ -265,6 +265,12 @@ class ClassificationModule(L.LightningModule):
         return self.net(self._prepare(x)).softmax(dim=-1)
 
     # EMA and throughput bookkeeping
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
+        state = checkpoint.get("state_dict") or {}
+        if self.ema is None and any(k.startswith("ema.") for k in state):
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("ema.")}
+
     def on_train_start(self) -> None:
         self.val_metrics.reset()
 

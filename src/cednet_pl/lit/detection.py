@@ -25,6 +25,8 @@ import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
+from torch import nn
+from torchmetrics import MeanMetric
 
 from cednet_pl.evaluation.coco_eval import (
     COCO_STAT_NAMES,
@@ -197,6 +199,8 @@ class DetectionModule(L.LightningModule):
     #: The detector a checkpoint of this task holds (see ``detector_kind_of``) and the target keys it trains on.
     detector_kind = "retinanet"
     target_keys: tuple[str, ...] = ("boxes", "labels")
+    #: the detector's losses (keys of its loss dict without a ``loss_`` prefix), logged as ``<split>/loss_<name>``
+    loss_names: tuple[str, ...] = ("classification", "bbox_regression")
 
     def __init__(
         self,
@@ -234,6 +238,16 @@ class DetectionModule(L.LightningModule):
         self.results_path: Path | None = None
         self._val_outputs: list[tuple[int, dict[str, Any]]] = []
         self._val_image_ids: list[int] = []
+        # val/test losses: means over exactly the evaluated images. torchmetrics sums (loss x images, images) over
+        # the ranks once at the epoch end; per-step `sync_dist` means would weight the ranks' uneven shards equally
+        self.eval_losses = nn.ModuleDict(
+            {
+                prefix: nn.ModuleDict(
+                    {name: MeanMetric() for name in ("loss", *(f"loss_{n}" for n in self.loss_names))}
+                )
+                for prefix in ("val", "test")
+            }
+        )
 
     @staticmethod
     def build_detector(backbone: torch.nn.Module, num_classes: int, **detector: Any) -> torch.nn.Module:
@@ -320,9 +334,14 @@ class DetectionModule(L.LightningModule):
         images, targets = batch
         losses, detections = self.net.forward_with_loss(images, self._net_targets(targets))
         n = len(images)
-        self.log(f"{prefix}/loss", sum(losses.values()), batch_size=n, sync_dist=True)
-        for name, value in losses.items():
-            self.log(f"{prefix}/loss_{name.removeprefix('loss_')}", value, batch_size=n, sync_dist=True)
+        # NOTE: torchvision's RetinaNet losses are means over the batch's images: weight n gives the per-image mean
+        # (Mask R-CNN's are means over the batch's sampled anchors/RoIs, nearly so)
+        values = {"loss": sum(losses.values())}
+        values.update({f"loss_{k.removeprefix('loss_')}": v for k, v in losses.items()})
+        for name, value in values.items():
+            metric = self.eval_losses[prefix][name]
+            metric.update(value.detach(), weight=n)
+            self.log(f"{prefix}/{name}", metric, batch_size=n)
         for t, det in zip(targets, detections, strict=True):
             image_id = int(t["image_id"])
             self._val_image_ids.append(image_id)

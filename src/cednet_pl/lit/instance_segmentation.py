@@ -35,6 +35,7 @@ class InstanceSegmentationModule(DetectionModule):
     task = "instance_segmentation"
     detector_kind = "maskrcnn"
     target_keys = ("boxes", "labels", "masks")
+    loss_names = ("objectness", "rpn_box_reg", "classifier", "box_reg", "mask")
 
     @staticmethod
     def build_detector(backbone: torch.nn.Module, num_classes: int, **detector: Any) -> torch.nn.Module:

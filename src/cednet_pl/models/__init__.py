@@ -4,7 +4,8 @@ Importing this package registers the CEDNet variants with timm (``timm.create_mo
 """
 
 from cednet_pl.models.blocks import FAMILIES, BlockFamily, LayerNorm2d, get_family, register_family
-from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn, load_checkpoint_file
+from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn
+from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import count_macs, count_params
 
 __all__ = [

@@ -23,8 +23,6 @@ Layout (224x224 input)::
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
@@ -44,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
+from cednet_pl.models.checkpoint import _mismatch_message, load_checkpoint_file, unwrap_state_dict
 
 __all__ = [
     "DECODERS",
@@ -238,7 +237,7 @@ class CEDNet(nn.Module):
         drop_rate: Dropout before each classifier.
         drop_path_rate: End of the linear stochastic-depth ramp over all blocks.
         ls_init_value: Layer-scale init of the blocks.
-        head_init_scale: Scale of the initial classifier weights and biases.
+        head_init_scale: Scale of the initial classifier weights (trunc-normal std 0.01; biases start at 0).
         head_hidden: Width of the per-stage head (conv1x1 before pooling).
         stem_dim: Width of the first stem conv.
         with_heads: False builds the backbone only (no ``final_layers``/``norms``/``heads``; used for
@@ -340,7 +339,8 @@ class CEDNet(nn.Module):
             dict(num_chs=dims[2], reduction=32, module=f"{last}.2"),
         ]
         named_apply(_init_weights, self)
-        self._scale_heads(head_init_scale)
+        self.head_init_scale = head_init_scale
+        self._init_heads(head_init_scale)
 
     def _make_heads(self, num_classes: int) -> nn.ModuleList:
         return nn.ModuleList(
@@ -351,11 +351,19 @@ class CEDNet(nn.Module):
         )
 
     @torch.no_grad()
-    def _scale_heads(self, scale: float) -> None:
+    def _init_heads(self, scale: float) -> None:
+        """Classifier init whose logit scale does not depend on ``num_classes`` (ConvNeXt-style trunc-normal).
+
+        The released code initialises them kaiming-normal with fan_out (std 1/sqrt(num_classes)): initial logits
+        of std 10-30 for a few classes. Released checkpoints overwrite it, so parity does not depend on it. The
+        classifier input is LayerNorm'd (squared norm = width), so with std 0.01 the initial logits have std
+        0.01 * sqrt(2048) = 0.45 for the 2048-wide head, whatever ``num_classes`` (ConvNeXt-T: 0.02 * sqrt(768)).
+        """
         for head in self.heads:
             if isinstance(head, nn.Linear):
+                trunc_normal_(head.weight, std=0.01)
+                nn.init.zeros_(head.bias)
                 head.weight.mul_(scale)
-                head.bias.mul_(scale)
 
     # ------------------------------------------------------------------ timm contract
     @torch.jit.ignore
@@ -395,7 +403,7 @@ class CEDNet(nn.Module):
         self.num_classes = num_classes
         device = self.final_layers[0][0].weight.device
         self.heads = self._make_heads(num_classes).to(device)
-        named_apply(_init_weights, self.heads)
+        self._init_heads(self.head_init_scale)
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 3, prune_norm: bool = False, prune_head: bool = True
@@ -530,67 +538,6 @@ def _init_weights(module: nn.Module, name: str = "") -> None:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """Read a CEDNet checkpoint file and return its bare state_dict (keys not yet validated).
-
-    Accepts a bare state_dict, a released/timm checkpoint (``{'model': sd, ...}``; ``'model'`` is
-    preferred over ``'model_ema'``) or a Lightning checkpoint of ours (``{'state_dict': ...}`` with
-    the LightningModule's ``net.`` prefix, which is stripped). A ``module.`` (DDP) prefix is stripped.
-
-    Raises:
-        FileNotFoundError: no such file.
-        RuntimeError: the file cannot be read (truncated, not a torch file) or holds no state_dict.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as e:
-        raise RuntimeError(
-            f"checkpoint {path} holds Python objects that torch.load(weights_only=True) refuses ({e}). "
-            "If you trust the file, load it with weights_only=False "
-            "(scripts/convert_checkpoint.py --allow-pickle) and save the bare state_dict."
-        ) from e
-    except Exception as e:
-        raise RuntimeError(
-            f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
-            "the file is truncated or not a torch checkpoint"
-        ) from e
-    return unwrap_state_dict(ckpt, source=path)
-
-
-def unwrap_state_dict(ckpt: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Return the model state_dict inside ``ckpt`` (see :func:`load_checkpoint_file`)."""
-    if not isinstance(ckpt, Mapping):
-        raise RuntimeError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    if isinstance(ckpt.get("model"), Mapping):
-        sd = ckpt["model"]
-    elif isinstance(ckpt.get("state_dict"), Mapping):
-        sd = ckpt["state_dict"]
-        if any(k.startswith("net.") for k in sd):
-            dropped = [k for k in sd if not k.startswith("net.")]
-            if dropped:
-                _logger.info(
-                    "%s: ignoring %d non-model Lightning keys (e.g. %s)", source, len(dropped), dropped[:3]
-                )
-            sd = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
-    elif isinstance(ckpt.get("model_ema"), Mapping):
-        sd = ckpt["model_ema"]
-    else:
-        sd = ckpt
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if not sd or bad:
-        raise RuntimeError(
-            f"{source}: no model state_dict found (top-level keys {list(ckpt)[:10]}"
-            + (f"; non-tensor entries {bad[:10]}" if bad else "")
-            + ")"
-        )
-    return dict(sd)
-
-
 def _head_stage(key: str) -> int | None:
     """Stage index of a head key (``final_layers.s.*``, ``norms.s.*``, ``heads.s.*``), else None."""
     parts = key.split(".")
@@ -662,16 +609,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return sd
-
-
-def _mismatch_message(variant: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
-    lines = [f"checkpoint does not match {variant} (is it a checkpoint of another variant?):"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if items:
-            lines.append(
-                f"  {len(items)} {title} keys: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
-            )
-    return "\n".join(lines)
 
 
 def _load_pretrained_file(model: CEDNet, path: str) -> None:

@@ -66,7 +66,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
 from cednet_pl.models.blocks import LayerNorm2d
-from cednet_pl.models.cednet import checkpoint_filter_fn, unwrap_state_dict
+from cednet_pl.models.cednet import checkpoint_filter_fn
+from cednet_pl.models.checkpoint import CONFIG_KEY, read_checkpoint, unwrap_state_dict
 
 __all__ = [
     "BOX_LOSSES",
@@ -97,34 +98,23 @@ def detector_kind_of(state_dict: dict[str, Any]) -> str | None:
 
 
 def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read the model state_dict of a classification checkpoint (Lightning ``.ckpt`` or ``.pth``).
+    """The model state_dict of a classification checkpoint (Lightning ``.ckpt`` or ``.pth``), weights-only.
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is a detection checkpoint.
-        RuntimeError: The file cannot be read or holds no state_dict.
+        ValueError: The file is a detection checkpoint, or cannot be read (see ``read_checkpoint``).
+        RuntimeError: The file holds no state_dict.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
-    try:
-        # NOTE: Lightning checkpoints pickle their hyper-parameters; like Lightning's own resume,
-        # a checkpoint given here is a trusted local file.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise RuntimeError(
-            f"could not read backbone checkpoint {path} ({type(err).__name__}: {err}); "
-            "the file is truncated or not a torch checkpoint"
-        ) from err
-    if isinstance(ckpt, dict):
-        target = str(((ckpt.get("cednet_config") or {}).get("model") or {}).get("_target_", ""))
-        state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else {}
-        kind = detector_kind_of(state)
-        if kind is not None or target.endswith(("DetectionModule", "InstanceSegmentationModule")):
-            raise ValueError(
-                f"{path} is a detection checkpoint ({kind or target}); a detection backbone loads the trunk of "
-                "a classification checkpoint (a cednet-train classification .ckpt or a released .pth)"
-            )
+    ckpt = read_checkpoint(path)
+    target = str(((ckpt.get(CONFIG_KEY) or {}).get("model") or {}).get("_target_", ""))
+    state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else {}
+    kind = detector_kind_of(state)
+    if kind is not None or target.endswith(("DetectionModule", "InstanceSegmentationModule")):
+        raise ValueError(
+            f"{path} is a detection checkpoint ({kind or target}); a detection backbone loads the trunk of "
+            "a classification checkpoint (a cednet-train classification .ckpt or a released .pth)"
+        )
     return unwrap_state_dict(ckpt, source=path)
 
 

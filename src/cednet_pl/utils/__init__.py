@@ -10,8 +10,6 @@ from cednet_pl.utils.callbacks import (
 from cednet_pl.utils.checkpoint import (
     CONFIG_KEY,
     AtomicCheckpointIO,
-    lightning_to_state_dict,
-    load_checkpoint,
     resolve_ckpt_path,
 )
 from cednet_pl.utils.instantiate import (
@@ -38,8 +36,6 @@ __all__ = [
     "instantiate_loggers",
     "instantiate_node",
     "instantiate_trainer",
-    "lightning_to_state_dict",
-    "load_checkpoint",
     "print_config",
     "progress_bar",
     "resolve_ckpt_path",

@@ -1,7 +1,9 @@
-"""Task-agnostic training callbacks: finite-loss guard, per-epoch reseeding, config-in-checkpoint, progress bar."""
+"""Task-agnostic training callbacks (conf/callbacks/run.yaml): finite-loss guard, run report, per-epoch reseeding,
+config-in-checkpoint; and the progress bar choice."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from cednet_pl.utils.checkpoint import CONFIG_KEY
+from cednet_pl.utils.ranks import rank_log
+from cednet_pl.utils.run import plain
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,13 +82,49 @@ class ConfigInCheckpoint(Callback):
         config: A plain dict with at least `model` and `data` (each with a `_target_`).
     """
 
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
+    def __init__(self, config: Any):
+        self.config = plain(config)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[CONFIG_KEY] = self.config
+
+
+class DistributedRunReport(Callback):
+    """Log the distributed layout and the training progress in a form that survives requeues.
+
+    Rank zero logs where fitting (re)starts (`fit start: epoch E global_step G ...`) and each epoch this process finished
+    (`epoch E done: global_step G`). The epoch line is written once all of the epoch's hooks have run, checkpoint
+    saving included (at the next epoch's start, or at the end of training), so a job log shows which epochs a
+    requeued run may skip and that it continued instead of repeating them.
+    """
+
+    def __init__(self) -> None:
+        self._finished: tuple[int, int] | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finished = None
+        if trainer.is_global_zero:
+            rank_log.info(
+                f"fit start: epoch {trainer.current_epoch} global_step {trainer.global_step} "
+                f"world_size {trainer.world_size} restart {os.environ.get('SLURM_RESTART_COUNT', '0')} "
+                f"ckpt {trainer.ckpt_path or '-'}"
+            )
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finished = (trainer.current_epoch, trainer.global_step)
+
+    def _report_finished(self, trainer: Trainer) -> None:
+        if self._finished is not None and trainer.is_global_zero:
+            rank_log.info(f"epoch {self._finished[0]} done: global_step {self._finished[1]}")
+        self._finished = None
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_finished(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._report_finished(trainer)
 
 
 def is_interactive() -> bool:

@@ -1,9 +1,11 @@
-"""Checkpoint helpers: atomic writes, resume-path resolution, safe loading and export to a bare state_dict."""
+"""Lightning-side checkpoint helpers: atomic writes and resume-path resolution.
+
+Reading checkpoints is `cednet_pl.models.checkpoint` (one weights-only reader for every file).
+"""
 
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,12 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cednet_pl.models.checkpoint import CONFIG_KEY
 from cednet_pl.utils.logging import RankedLogger
 
-log = RankedLogger(__name__)
+__all__ = ["CONFIG_KEY", "AtomicCheckpointIO", "checkpoint_dir", "resolve_ckpt_path"]
 
-#: Key under which train.py stores the run's model/data configs inside every Lightning checkpoint.
-CONFIG_KEY = "cednet_config"
+log = RankedLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -103,63 +105,3 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
     return str(path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file on CPU with clear errors for missing, truncated or non-torch files.
-
-    Args:
-        path: A Lightning `.ckpt` or a plain torch `.pth`/`.pt` file.
-
-    Returns:
-        The loaded object (a dict).
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} is not a file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): the file is truncated")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as e:
-        raise ValueError(
-            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is truncated, corrupt "
-            f"or not a torch checkpoint"
-        ) from e
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, dict):
-        raise ValueError(
-            f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (a state_dict or a "
-            f"Lightning checkpoint)"
-        )
-    return obj
-
-
-def is_lightning_checkpoint(ckpt: dict[str, Any]) -> bool:
-    """Whether a loaded checkpoint was written by Lightning."""
-    return "state_dict" in ckpt and ("pytorch-lightning_version" in ckpt or "global_step" in ckpt)
-
-
-def lightning_to_state_dict(
-    ckpt: dict[str, Any], prefix: str = "net.", ema: bool = False
-) -> dict[str, torch.Tensor]:
-    """Extract a bare model state_dict from a Lightning checkpoint.
-
-    Args:
-        ckpt: A loaded Lightning checkpoint.
-        prefix: Attribute prefix of the bare model inside the LightningModule (`net.`).
-        ema: Take the EMA weights (`ema.module.*`) instead of the raw ones.
-
-    Returns:
-        The state_dict with the prefix stripped, loadable into `timm.create_model(name)`.
-    """
-    if not is_lightning_checkpoint(ckpt):
-        raise ValueError("not a Lightning checkpoint (no `state_dict`/`pytorch-lightning_version`)")
-    src = "ema.module." if ema else prefix
-    out = {k[len(src) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(src)}
-    if not out:
-        raise ValueError(f"the checkpoint has no `{src}*` weights")
-    return out

@@ -43,6 +43,9 @@ def _instantiate_named(cfg: DictConfig | None, kind: str, base: type) -> list[An
 def instantiate_node(cfg: Any, what: str) -> Any:
     """`hydra.utils.instantiate`, re-raising the constructor's own error (clearer than Hydra's wrapper).
 
+    Nested configs reach the constructor as plain dicts/lists (`_convert_="all"`), so what a module stores with
+    `save_hyperparameters` is plain and its checkpoints load with `torch.load(weights_only=True)`.
+
     Args:
         cfg: A `_target_` config (DictConfig or dict).
         what: What is being built, for the log line ("model", "datamodule").
@@ -50,7 +53,7 @@ def instantiate_node(cfg: Any, what: str) -> Any:
     target = cfg.get("_target_") if hasattr(cfg, "get") else None
     log.info(f"Instantiating {what} <{target}>")
     try:
-        return hydra.utils.instantiate(cfg)
+        return hydra.utils.instantiate(cfg, _convert_="all")
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, ValueError | RuntimeError | OSError | TypeError | KeyError):

@@ -1,4 +1,4 @@
-"""Rank and Slurm helpers: launch validation, per-rank Hydra/logging setup, exact distributed evaluation.
+"""Launch validation: the Slurm allocation / launcher layout against the trainer config, and the Slurm launcher preset.
 
 Three ways a multi-process run starts, all with `strategy: ddp` (configs `trainer/ddp*.yaml`):
 
@@ -22,18 +22,13 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
-#: Per-rank progress lines (kept at INFO on non-zero ranks: one "joined" line per rank, nothing else).
-rank_log = logging.getLogger("cednet_pl.rank")
 
 #: Slurm job names that Lightning treats as an interactive allocation (it then uses its own launcher).
 _INTERACTIVE_JOB_NAMES = ("bash", "interactive")
@@ -45,8 +40,6 @@ _MULTINODE_LAUNCHER_VARS = (
     "LSB_JOBID",
     "OMPI_COMM_WORLD_SIZE",
 )
-#: Hydra overrides a non-zero rank adds to its command line: no `.hydra/` config copy, log to stdout not a file.
-_NONZERO_RANK_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=stdout")
 
 
 class LaunchConfigError(ValueError):
@@ -82,27 +75,6 @@ def slurm_managed(env: Mapping[str, str] | None = None) -> bool:
     """
     env = _env(env)
     return "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in _INTERACTIVE_JOB_NAMES
-
-
-def global_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's global rank as known before the process group exists (0 when not distributed).
-
-    Order: `RANK` (torchrun), `SLURM_PROCID` (srun), then `LOCAL_RANK` on node `NODE_RANK` (Lightning's launcher;
-    a process on node > 0 counts as rank >= 1).
-    """
-    env = _env(env)
-    if "RANK" in env:
-        return int(env["RANK"])
-    if slurm_managed(env) and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"])
-    local = int(env.get("LOCAL_RANK", 0))
-    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", 0)))
-    return local if node == 0 else max(1, local + node)
-
-
-def is_global_zero(env: Mapping[str, str] | None = None) -> bool:
-    """Whether this process is global rank zero (the one that writes outputs)."""
-    return global_rank(env) == 0
 
 
 def _parse_tasks_per_node(value: str) -> int:
@@ -209,61 +181,6 @@ def validate_launch(
         )
 
 
-def rank_hydra_overrides(argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """Hydra overrides a non-zero rank appends to its command line so it writes nothing into the run dir.
-
-    Under `srun` (and in the children of Lightning's launcher) every rank runs the Hydra app; without these, each
-    rank would rewrite `.hydra/*.yaml` and append to the same job log file. Keys already on the command line are
-    left alone (Lightning's launcher adds `hydra.output_subdir=null` itself).
-
-    Args:
-        argv: The command line (without the program name).
-        env: Environment to read (default: `os.environ`).
-
-    Returns:
-        The overrides to append (empty on rank zero).
-    """
-    if is_global_zero(env):
-        return []
-    present = {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg}
-    return [o for o in _NONZERO_RANK_OVERRIDES if o.split("=", 1)[0] not in present]
-
-
-def add_rank_hydra_overrides(argv: list[str], env: Mapping[str, str] | None = None) -> None:
-    """Append `rank_hydra_overrides` to `argv` (e.g. `sys.argv`) in place; call it before the Hydra main runs."""
-    argv.extend(rank_hydra_overrides(argv[1:], env))
-
-
-def quiet_nonzero_ranks(output_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> bool:
-    """On a non-zero rank: log WARNING and above only, and never into files under the run dir.
-
-    Covers the case where the rank's Hydra logging was configured like rank zero's (hydra-submitit-launcher runs the
-    same Hydra job in every task): file handlers writing under `output_dir` are removed from the root logger.
-
-    Args:
-        output_dir: The run dir; file handlers writing below it are dropped (all file handlers when None).
-        env: Environment to read (default: `os.environ`).
-
-    Returns:
-        True when this process is a non-zero rank and was quieted.
-    """
-    if is_global_zero(env):
-        return False
-    root = logging.getLogger()
-    out = Path(output_dir).resolve() if output_dir is not None else None
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler):
-            path = Path(handler.baseFilename).resolve()
-            if out is None or out == path.parent or out in path.parents:
-                root.removeHandler(handler)
-                handler.close()
-    root.setLevel(logging.WARNING)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "cednet_pl"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    rank_log.setLevel(logging.INFO)
-    return True
-
-
 def check_local_multirun(
     trainer_cfg: Mapping[str, Any] | DictConfig, env: Mapping[str, str] | None = None
 ) -> None:
@@ -291,160 +208,6 @@ def check_local_multirun(
             f"trainer.num_nodes={num_nodes}) is not supported: Lightning's DDP launcher would re-run the sweep in "
             f"every process. Sweep on Slurm with `-m hydra/launcher=slurm`, or run the configurations one by one."
         )
-
-
-def setup_distributed_run(trainer_cfg: Mapping[str, Any] | DictConfig, output_dir: str | Path) -> None:
-    """Validate the launch layout, then quiet non-zero ranks; the first thing `train()` / `evaluate()` do."""
-    validate_launch(trainer_cfg)
-    check_local_multirun(trainer_cfg)
-    quiet_nonzero_ranks(output_dir)
-    if slurm_managed():
-        log.info(
-            f"Slurm job {os.environ.get('SLURM_JOB_ID')} rank {global_rank()}/{os.environ.get('SLURM_NTASKS')} "
-            f"(restart {os.environ.get('SLURM_RESTART_COUNT', '0')})"
-        )
-
-
-class DistributedRunReport(L.Callback):
-    """Log the distributed layout and the training progress in a form that survives requeues.
-
-    Every rank logs one line once its process group is up (`rank R/W joined the process group ...`); rank zero
-    logs where fitting (re)starts (`fit start: epoch E global_step G ...`) and each epoch this process finished
-    (`epoch E done: global_step G`). The epoch line is written once all of the epoch's hooks have run, checkpoint
-    saving included (at the next epoch's start, or at the end of training), so a job log shows which epochs a
-    requeued run may skip and that it continued instead of repeating them.
-    """
-
-    def __init__(self) -> None:
-        self._finished: tuple[int, int] | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.world_size < 2:
-            return
-        import torch.distributed as dist
-
-        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-        rank_log.info(
-            f"rank {trainer.global_rank}/{trainer.world_size} joined the process group (backend {backend}, "
-            f"node {trainer.node_rank} {os.uname().nodename}, local rank {trainer.local_rank}, "
-            f"slurm job {os.environ.get('SLURM_JOB_ID', '-')})"
-        )
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finished = None
-        if trainer.is_global_zero:
-            rank_log.info(
-                f"fit start: epoch {trainer.current_epoch} global_step {trainer.global_step} "
-                f"world_size {trainer.world_size} restart {os.environ.get('SLURM_RESTART_COUNT', '0')} "
-                f"ckpt {trainer.ckpt_path or '-'}"
-            )
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._finished = (trainer.current_epoch, trainer.global_step)
-
-    def _report_finished(self, trainer: L.Trainer) -> None:
-        if self._finished is not None and trainer.is_global_zero:
-            rank_log.info(f"epoch {self._finished[0]} done: global_step {self._finished[1]}")
-        self._finished = None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report_finished(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._report_finished(trainer)
-
-
-def _dist_world() -> tuple[int, int] | None:
-    """(world_size, rank) of an initialised process group with more than one rank, else None."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    return dist.get_world_size(), dist.get_rank()
-
-
-class EpochSeededDistributedSampler(DistributedSampler):
-    """Shard of the single-process epoch permutation: rank `r` of `W` takes positions r, r + W, r + 2W, ...
-
-    The permutation is `EpochSeededRandomSampler(len(dataset), seed)`'s for the epoch, so with a per-rank batch `b`
-    the W ranks' k-th batches together are exactly the k-th batch of a single process with batch `W * b`: a DDP run
-    sees the same global batches as a one-process run, and a resumed run the same as an uninterrupted one.
-    (Lightning's own wrapper would re-shuffle the indices with `PL_GLOBAL_SEED` instead.) As in
-    `DistributedSampler`, the epoch is padded with its first indices to a multiple of W.
-
-    Args:
-        dataset: The training dataset (only its length is used).
-        seed: Base seed of the permutation (the DataModule's `shuffle_seed`).
-        num_replicas: World size (default: the process group's).
-        rank: This rank (default: the process group's).
-        with_epoch: Yield `(index, epoch)` pairs like `EpochSeededRandomSampler(with_epoch=True)`.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        seed: int = 0,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        with_epoch: bool = False,
-    ):
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
-        )
-        self.with_epoch = with_epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        from cednet_pl.utils.data import EpochSeededRandomSampler
-
-        epoch = self.epoch
-        order = EpochSeededRandomSampler(len(self.dataset), self.seed)
-        order.set_epoch(epoch)
-        indices = list(order)
-        indices += indices[: self.total_size - len(indices)]
-        shard = indices[self.rank : self.total_size : self.num_replicas]
-        return iter([(i, epoch) for i in shard] if self.with_epoch else shard)
-
-
-def train_sampler(dataset: Any, seed: int = 0, with_epoch: bool = False) -> Any:
-    """Sampler for training loaders: the epoch-seeded permutation, sharded over ranks when distributed.
-
-    Returns `EpochSeededRandomSampler` in a single process and `EpochSeededDistributedSampler` under DDP (a
-    `DistributedSampler` subclass, so Lightning keeps it).
-
-    Args:
-        dataset: The training dataset (map-style).
-        seed: Base seed of the per-epoch permutation.
-        with_epoch: Yield `(index, epoch)` pairs (for per-sample augmentation seeds).
-    """
-    world = _dist_world()
-    if world is None:
-        from cednet_pl.utils.data import EpochSeededRandomSampler
-
-        return EpochSeededRandomSampler(len(dataset), seed, with_epoch=with_epoch)
-    return EpochSeededDistributedSampler(
-        dataset, seed=seed, num_replicas=world[0], rank=world[1], with_epoch=with_epoch
-    )
-
-
-def exact_eval_sampler(dataset: Any) -> Any:
-    """Sampler for validation/test loaders that gives every sample to exactly one rank (no padding).
-
-    Lightning's default `DistributedSampler` pads the dataset to a multiple of the world size by repeating samples,
-    so metrics over the padded set are off when `len(dataset) % world_size != 0`. This returns Lightning's
-    `UnrepeatedDistributedSampler` (a `DistributedSampler` subclass, so Lightning does not replace it; ranks get
-    `ceil` or `floor` of `len / world_size` samples) when a process group with more than one rank exists, else None
-    (plain sequential loading). Metrics must then be synced by torchmetrics (sums of states), not by per-step
-    collectives, since ranks may run a different number of batches.
-
-    Args:
-        dataset: The evaluation dataset (map-style).
-    """
-    world = _dist_world()
-    if world is None:
-        return None
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-    return UnrepeatedDistributedSampler(dataset, num_replicas=world[0], rank=world[1], shuffle=False)
 
 
 def require_slurm_commands(commands: Sequence[str] = ("sbatch", "srun")) -> None:
