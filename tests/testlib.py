@@ -15,6 +15,20 @@ from PIL import Image
 
 from cednet_pl.utils.run import CONF_DIR
 
+#: Overrides that shrink the embedded detection set (det_demo/ins_demo) to 4 + 4 canvases of 128 px.
+TINY_DET_DATA = [
+    "data.num_train=4",
+    "data.num_val=4",
+    "data.image_size=128",
+    "data.train_size=128",
+    "data.test_min_size=128",
+    "data.test_max_size=128",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,3]",
+    "data.batch_size=2",
+    "data.val_batch_size=4",
+]
+
 #: Overrides that make any composed run small and quiet on a CPU-only machine.
 FAST_OVERRIDES = ["trainer=cpu", "logger=none", "extras.print_config=false", "data.num_workers=0"]
 
@@ -65,3 +79,12 @@ class RankMetrics(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+def annotations_by_image(ann_file):
+    """``(sorted category ids, {image id: [annotations]})`` of a COCO file (every image, possibly empty)."""
+    data = json.loads(ann_file.read_text())
+    per_image = {im["id"]: [] for im in data["images"]}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    return sorted(c["id"] for c in data["categories"]), per_image

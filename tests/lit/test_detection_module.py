@@ -9,7 +9,6 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cednet_pl.data.synthetic_det import generate_synthetic_det
 from cednet_pl.evaluation import (
     COCO_STAT_NAMES,
     detections_to_coco_results,
@@ -17,37 +16,13 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.detection import DetectionModule, detection_param_groups
-
-TINY_DATA = [
-    "data.num_train=4",
-    "data.num_val=4",
-    "data.image_size=128",
-    "data.train_size=128",
-    "data.test_min_size=128",
-    "data.test_max_size=128",
-    "data.digit_size=[20,40]",
-    "data.num_digits=[1,3]",
-    "data.batch_size=2",
-    "data.val_batch_size=4",
-]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = generate_synthetic_det(
-        tmp_path_factory.mktemp("syn") / "set", num_train=2, num_val=40, image_size=128, digit_size=(16, 48)
-    )
-    return root / "annotations" / "instances_val.json"
+from testlib import TINY_DET_DATA, annotations_by_image
 
 
 def perturbed_results(ann_file, seed=0):
     """Detections from the ground truth: jittered boxes, some wrong classes, misses and false positives."""
     rng = random.Random(seed)
-    data = json.loads(ann_file.read_text())
-    cat_ids = sorted(c["id"] for c in data["categories"])
-    per_image = {im["id"]: [] for im in data["images"]}
-    for ann in data["annotations"]:
-        per_image[ann["image_id"]].append(ann)
+    cat_ids, per_image = annotations_by_image(ann_file)
     image_ids, detections = [], []
     for image_id, anns in per_image.items():
         boxes, scores, labels = [], [], []
@@ -135,7 +110,7 @@ def test_layer_decay_groups_follow_the_trunk():
 def test_fast_dev_run_writes_coco_results_and_metrics(make_cfg):
     from cednet_pl.train import train
 
-    cfg = make_cfg("train", ["+experiment=det_demo", "++trainer.fast_dev_run=true", *TINY_DATA])
+    cfg = make_cfg("train", ["+experiment=det_demo", "++trainer.fast_dev_run=true", *TINY_DET_DATA])
     _, objects = train(cfg)
     run = Path(objects["trainer"].default_root_dir)
     report = json.loads((run / "coco_metrics_val.json").read_text())
@@ -155,7 +130,7 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
 
     cfg = make_cfg(
         "train",
-        ["+experiment=det_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DATA],
+        ["+experiment=det_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DET_DATA],
     )
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -11,7 +11,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cednet_pl.data.synthetic_det import generate_synthetic_det
 from cednet_pl.evaluation import (
     COCO_STAT_NAMES,
     encode_masks,
@@ -20,37 +19,13 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.instance_segmentation import InstanceSegmentationModule
-
-TINY_DATA = [
-    "data.num_train=4",
-    "data.num_val=4",
-    "data.image_size=128",
-    "data.train_size=128",
-    "data.test_min_size=128",
-    "data.test_max_size=128",
-    "data.digit_size=[20,40]",
-    "data.num_digits=[1,3]",
-    "data.batch_size=2",
-    "data.val_batch_size=4",
-]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = generate_synthetic_det(
-        tmp_path_factory.mktemp("syn") / "set", num_train=2, num_val=30, image_size=96, digit_size=(16, 40)
-    )
-    return root / "annotations" / "instances_val.json"
+from testlib import TINY_DET_DATA, annotations_by_image
 
 
 def perturbed_mask_results(ann_file, seed=0):
     """Mask detections from the ground truth: shifted/eroded masks, wrong classes, misses, false positives."""
     rng = random.Random(seed)
-    data = json.loads(ann_file.read_text())
-    cat_ids = sorted(c["id"] for c in data["categories"])
-    per_image = {im["id"]: [] for im in data["images"]}
-    for ann in data["annotations"]:
-        per_image[ann["image_id"]].append(ann)
+    cat_ids, per_image = annotations_by_image(ann_file)
     image_ids, detections = [], []
     for image_id, anns in per_image.items():
         masks, scores, labels = [], [], []
@@ -64,14 +39,14 @@ def perturbed_mask_results(ann_file, seed=0):
             labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
             scores.append(rng.random())
         for _ in range(rng.randrange(3)):
-            m = torch.zeros(96, 96)
-            x, y = rng.randrange(70), rng.randrange(70)
+            m = torch.zeros(128, 128)
+            x, y = rng.randrange(100), rng.randrange(100)
             m[y : y + rng.randrange(5, 25), x : x + rng.randrange(5, 25)] = 0.9
             masks.append(m)
             labels.append(rng.randrange(10))
             scores.append(rng.random() * 0.5)
         image_ids.append(image_id)
-        stacked = torch.stack(masks)[:, None] if masks else torch.zeros(0, 1, 96, 96)
+        stacked = torch.stack(masks)[:, None] if masks else torch.zeros(0, 1, 128, 128)
         detections.append(
             {
                 "rles": encode_masks(stacked),
@@ -120,7 +95,7 @@ def test_segm_faster_coco_eval_backend_agrees(synthetic, tmp_path):
 def test_fast_dev_run_writes_box_and_mask_results(make_cfg):
     from cednet_pl.train import train
 
-    cfg = make_cfg("train", ["+experiment=ins_demo", "++trainer.fast_dev_run=true", *TINY_DATA])
+    cfg = make_cfg("train", ["+experiment=ins_demo", "++trainer.fast_dev_run=true", *TINY_DET_DATA])
     _, objects = train(cfg)
     run = Path(objects["trainer"].default_root_dir)
     report = json.loads((run / "coco_metrics_val.json").read_text())
@@ -140,7 +115,7 @@ def test_eval_of_a_mask_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
 
     cfg = make_cfg(
         "train",
-        ["+experiment=ins_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DATA],
+        ["+experiment=ins_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DET_DATA],
     )
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -178,7 +153,8 @@ def test_mask_model_needs_mask_data(make_cfg):
     from cednet_pl.train import train
 
     cfg = make_cfg(
-        "train", ["+experiment=ins_demo", "data.with_masks=false", "++trainer.fast_dev_run=true", *TINY_DATA]
+        "train",
+        ["+experiment=ins_demo", "data.with_masks=false", "++trainer.fast_dev_run=true", *TINY_DET_DATA],
     )
     with pytest.raises(ValueError, match=r"needs instance masks.*data\.with_masks=true"):
         train(cfg)

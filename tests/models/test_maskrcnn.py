@@ -10,6 +10,7 @@ import cednet_pl  # noqa: F401  (registers the CEDNet models)
 from cednet_pl.models.detection import CEDNetPyramid, TimmFPNBackbone, build_maskrcnn
 
 SIZES = (16, 32, 64, 128, 256)
+MASK_RCNN_LOSSES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
 
 def _two_stage(**kwargs):
@@ -97,13 +98,7 @@ def test_one_pass_losses_detections_and_masks_in_eval_mode():
     net = _nano_maskrcnn(box_score_thresh=0.0, box_detections_per_img=20).eval()
     images, targets = _sample()
     losses, detections = net.forward_with_loss(images, targets)
-    assert set(losses) == {
-        "loss_objectness",
-        "loss_rpn_box_reg",
-        "loss_classifier",
-        "loss_box_reg",
-        "loss_mask",
-    }
+    assert set(losses) == MASK_RCNN_LOSSES
     total = sum(losses.values())
     assert bool(torch.isfinite(total))
     total.backward()
@@ -128,13 +123,7 @@ def test_training_forward_and_missing_masks():
     net = _nano_maskrcnn().train()
     images, targets = _sample()
     losses = net([i.detach() for i in images], targets)
-    assert set(losses) == {
-        "loss_objectness",
-        "loss_rpn_box_reg",
-        "loss_classifier",
-        "loss_box_reg",
-        "loss_mask",
-    }
+    assert set(losses) == MASK_RCNN_LOSSES
     no_masks = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
     with pytest.raises(ValueError, match=r"needs target masks: target\(s\) \[0, 1\]"):
         net.eval().forward_with_loss(images, no_masks)

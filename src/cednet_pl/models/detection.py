@@ -475,6 +475,27 @@ class RetinaNetDetector(_BackboneGroups, RetinaNet):
         return detections
 
 
+def _with_transform(
+    model: nn.Module,
+    min_size: int,
+    max_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    size_divisible: int,
+    resize_in_train: bool,
+) -> Any:
+    """``model`` with its transform replaced by a :class:`DetectionTransform` (no resize in training)."""
+    model.transform = DetectionTransform(
+        min_size,
+        max_size,
+        image_mean,
+        image_std,
+        size_divisible=size_divisible,
+        resize_in_train=resize_in_train,
+    )
+    return model
+
+
 def _anchor_sizes(base_sizes: Sequence[int], scales_per_octave: int) -> tuple[tuple[float, ...], ...]:
     return tuple(
         tuple(float(s) * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)) for s in base_sizes
@@ -564,15 +585,7 @@ def build_retinanet(
         fg_iou_thresh=fg_iou_thresh,
         bg_iou_thresh=bg_iou_thresh,
     )
-    model.transform = DetectionTransform(
-        min_size,
-        max_size,
-        image_mean,
-        image_std,
-        size_divisible=size_divisible,
-        resize_in_train=resize_in_train,
-    )
-    return model
+    return _with_transform(model, min_size, max_size, image_mean, image_std, size_divisible, resize_in_train)
 
 
 class MaskRCNNDetector(_BackboneGroups, MaskRCNN):
@@ -776,12 +789,4 @@ def build_maskrcnn(
         mask_predictor=MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_classes + 1),
         **maskrcnn_kwargs,
     )
-    model.transform = DetectionTransform(
-        min_size,
-        max_size,
-        image_mean,
-        image_std,
-        size_divisible=size_divisible,
-        resize_in_train=resize_in_train,
-    )
-    return model
+    return _with_transform(model, min_size, max_size, image_mean, image_std, size_divisible, resize_in_train)
