@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Convert a CEDNet checkpoint into a bare state_dict of the cednet-pl layout, verified against a model.
+"""Convert a CEDNet or MSG-Transformer checkpoint into a bare state_dict of the cednet-pl layout, verified.
 
-Inputs: a released CEDNet checkpoint (``{'model': state_dict, ...}``; our module names are the
+Inputs: a released CEDNet checkpoint or an official MSG-Transformer one (``{'model': state_dict, ...}``; our module names are the
 released names, so no key is renamed), a Lightning ``.ckpt`` of ours (``state_dict`` with the
 ``net.`` prefix) or a bare state_dict. The keys and shapes are checked against a freshly built
 ``--model`` (any missing/unexpected/mis-shaped key is an error) before anything is written.
@@ -10,6 +10,7 @@ Examples::
 
     python scripts/convert_checkpoint.py cednet_tiny.pth out/cednet_next_tiny.pth --model cednet_next_tiny
     python scripts/convert_checkpoint.py last.ckpt backbone.pth --model cednet_next_tiny --drop-heads
+    python scripts/convert_checkpoint.py msg_tiny_official.pth out/msg_tiny.pth --model msg_tiny
 
 Load the output with ``timm.create_model(VARIANT, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
 """
@@ -28,8 +29,14 @@ import cednet_pl  # noqa: F401  (registers the CEDNet variants)
 from cednet_pl.models.cednet import checkpoint_filter_fn
 from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import aux_head_prefixes
+from cednet_pl.models.msg import msg_checkpoint_filter_fn
 
 HEAD_PREFIXES = ("final_layers.", "norms.", "heads.")
+# model-name prefix -> (checkpoint check, head prefixes dropped by --drop-heads)
+FAMILIES = {
+    "cednet_": (checkpoint_filter_fn, HEAD_PREFIXES),
+    "msg_": (msg_checkpoint_filter_fn, ("norm.", "head.")),
+}
 
 
 def convert(
@@ -45,7 +52,7 @@ def convert(
     Args:
         src: Input checkpoint (released ``.pth``, Lightning ``.ckpt`` of ours or bare state_dict).
         dst: Output path (parent folders are created).
-        model_name: CEDNet variant registered with timm, e.g. ``cednet_next_tiny``.
+        model_name: CEDNet variant or MSG-Transformer registered with timm, e.g. ``cednet_next_tiny``, ``msg_tiny``.
         drop_heads: Drop all stage heads (``final_layers``/``norms``/``heads``): backbone-only weights.
         inference_only: Keep only the last stage's head (the training-only heads are dropped).
         allow_pickle: Read ``src`` with ``torch.load(weights_only=False)`` (trusted files only).
@@ -56,23 +63,25 @@ def convert(
     """
     if drop_heads and inference_only:
         raise ValueError("--drop-heads and --inference-only exclude each other")
-    if not model_name.startswith("cednet_") or model_name not in timm.list_models("cednet_*"):
+    known = [m for prefix in FAMILIES for m in timm.list_models(prefix + "*")]
+    if model_name not in known:
         raise ValueError(
-            f"--model {model_name!r} is not a CEDNet variant; expected one of {timm.list_models('cednet_*')}"
+            f"--model {model_name!r} is not a CEDNet variant or MSG-Transformer; expected one of {known}"
         )
+    filter_fn, head_prefixes = next(v for prefix, v in FAMILIES.items() if model_name.startswith(prefix))
     state_dict = load_checkpoint_file(src, weights_only=not allow_pickle)
     kwargs = {}
     with torch.device("meta"):
         probe = timm.create_model(model_name)
-    classifier = f"heads.{probe.num_stages - 1}.weight"
+    classifier = probe.pretrained_cfg["classifier"] + ".weight"
     if classifier in state_dict:
         kwargs["num_classes"] = state_dict[classifier].shape[0]
     with torch.device("meta"):
         model = timm.create_model(model_name, **kwargs)
-    state_dict = checkpoint_filter_fn(state_dict, model)
+    state_dict = filter_fn(state_dict, model)
 
     if drop_heads:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(HEAD_PREFIXES)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(head_prefixes)}
     elif inference_only:
         aux = aux_head_prefixes(model)
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(aux)}
@@ -88,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("src", help="released .pth, Lightning .ckpt of ours, or a bare state_dict")
     parser.add_argument("dst", help="output .pth (bare state_dict)")
-    parser.add_argument("--model", required=True, help="CEDNet variant, e.g. cednet_next_tiny")
+    parser.add_argument(
+        "--model", required=True, help="CEDNet variant or MSG-Transformer, e.g. cednet_next_tiny"
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--drop-heads", action="store_true", help="drop every stage head (backbone only)")
     group.add_argument("--inference-only", action="store_true", help="keep only the last stage's head")

@@ -37,7 +37,7 @@ CEDNET_MODELS = (
     "cednet_res50",
     "cednet_next_nano",
 )
-# Table A1 baselines available in timm. The paper names FocalNet-T/S/B without saying whether the small
+# Table A1 baselines available in timm (and MSG-Transformer, ours). The paper names FocalNet-T/S/B without saying whether the small
 # (srf) or large (lrf) receptive-field versions; timm has both, so both are listed.
 BASELINE_MODELS = (
     "convnext_tiny",
@@ -46,6 +46,9 @@ BASELINE_MODELS = (
     "swin_tiny_patch4_window7_224",
     "swin_small_patch4_window7_224",
     "swin_base_patch4_window7_224",
+    "msg_tiny",  # MSG-Transformer: not in timm; cednet_pl.models.msg registers it
+    "msg_small",
+    "msg_base",
     "focalnet_tiny_srf",
     "focalnet_small_srf",
     "focalnet_base_srf",
@@ -57,7 +60,7 @@ BASELINE_MODELS = (
 DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS
 
 # Table A1 (params in M, "FLOPs" = GMACs) for the rows the project documents (design/cednet.md, sections 3
-# and 1); other paper entries are left blank rather than quoted from memory.
+# and 1; design/baselines.md for MSG-Transformer); other paper entries are left blank rather than quoted from memory.
 TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny": (34.0, 5.7),
     "cednet_next_small": (55.0, 9.8),
@@ -65,6 +68,9 @@ TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny_unet": (34.0, 5.7),
     "cednet_next_tiny_hourglass": (34.0, 5.7),
     "convnext_tiny": (29.0, 4.5),
+    "msg_tiny": (25.0, 3.8),
+    "msg_small": (56.0, 8.4),
+    "msg_base": (84.0, 14.2),
 }
 
 FOOTNOTES = (
@@ -73,7 +79,8 @@ FOOTNOTES = (
     "one {size}x{size} image; convs, linears/matmuls and attention are counted, norms and activations are not.",
     "Params = parameters of the inference path: for CEDNet without the training-only heads of all but the "
     "last cascade stage (deep supervision), as Table A1 counts them; buffers excluded.",
-    "Paper = Table A1 of the CEDNet paper where the project documents it (design/cednet.md); blank otherwise. "
+    "Paper = Table A1 of the CEDNet paper where the project documents it (design/cednet.md, design/baselines.md); "
+    "blank otherwise. "
     "Table A1 prints 34M/5.7G for the UNet and Hourglass tiny variants too; the released definitions are smaller.",
     "FocalNet-T/S/B: the paper does not say srf or lrf; both timm versions are listed.",
 )

@@ -26,7 +26,7 @@ CLS_MODELS = sorted(
 
 def test_expected_experiments_exist() -> None:
     expected = {"cls_t", "cls_s", "cls_b", "cls_t_unet", "cls_t_hourglass", "cls_hrnet_w32", "cls_digits"}
-    expected |= {f"cls_{fam}_{s}" for fam in ("convnext", "swin", "focalnet") for s in "tsb"}
+    expected |= {f"cls_{fam}_{s}" for fam in ("convnext", "swin", "focalnet", "msg") for s in "tsb"}
     assert expected <= set(EXPERIMENTS)
 
 
@@ -86,6 +86,13 @@ def test_cednet_drop_path(make_cfg, name: str, drop_path: float) -> None:
     assert cfg.model.net.drop_path_rate == drop_path
 
 
+@pytest.mark.parametrize(("name", "drop_path"), [("cls_msg_t", 0.1), ("cls_msg_s", 0.3), ("cls_msg_b", 0.5)])
+def test_msg_drop_path(make_cfg, name: str, drop_path: float) -> None:
+    cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
+    assert cfg.model.net.name == "msg_" + {"t": "tiny", "s": "small", "b": "base"}[name[-1]]
+    assert cfg.model.net.drop_path_rate == drop_path
+
+
 @pytest.mark.parametrize("name", CLS_MODELS)
 def test_model_configs_name_timm_models(make_cfg, name: str) -> None:
     cfg = make_cfg("train", [f"model={name}"])
@@ -142,6 +149,6 @@ def test_cls_t_fast_dev_run_on_tiny_image_folder(make_cfg, tmp_path: Path) -> No
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW_FDR)
 def test_experiment_fast_dev_run(make_cfg, tmp_path: Path, name: str) -> None:
-    size = 224 if "swin" in name else 64  # timm's Swin is built for its 224 input
+    size = 224 if "swin" in name or "msg" in name else 64  # Swin and MSG are built for their 224 input
     metrics = _fast_dev_run(make_cfg, tmp_path, name, size)
     assert math.isfinite(metrics["train/loss"])

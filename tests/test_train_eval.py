@@ -12,13 +12,12 @@ import pytest
 import torch
 from lightning import Callback
 
-import cednet_pl.train as train_mod
 from cednet_pl.eval import evaluate
 from cednet_pl.models.checkpoint import unwrap_state_dict
 from cednet_pl.train import train
 from cednet_pl.utils import NonFiniteLossError
 from cednet_pl.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
-from testlib import compose_config
+from testlib import CrashAtEpoch, compose_config, with_extra_callback
 
 #: a tiny but complete digits run: 2 train batches, 2 val batches, 32x32 images
 TINY = [
@@ -186,17 +185,6 @@ def test_ckpt_path_last_requires_checkpoint(tmp_path: Path) -> None:
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), tmp_path)
 
 
-class _CrashAtEpoch(Callback):
-    """Simulates a killed job: raises when epoch `epoch` starts (after the previous epoch's checkpoint)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyError("simulated crash")
-
-
 class _PoisonAtEpoch(Callback):
     """Makes every weight NaN when epoch `epoch` starts, so the next loss is not finite."""
 
@@ -208,11 +196,6 @@ class _PoisonAtEpoch(Callback):
             with torch.no_grad():
                 for p in pl_module.net.parameters():
                     p.fill_(float("nan"))
-
-
-def _with_extra_callback(monkeypatch, callback: Callback) -> None:
-    original = train_mod.instantiate_callbacks
-    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
@@ -236,7 +219,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch) -> None:
 
     cfg = compose_config("train", overrides, tmp_path / "resumed")
     with monkeypatch.context() as m:
-        _with_extra_callback(m, _CrashAtEpoch(1))
+        with_extra_callback(m, CrashAtEpoch(1))
         with pytest.raises(KeyError, match="simulated crash"):
             train(cfg)
     run_dir = Path(cfg.paths.output_dir)
@@ -255,7 +238,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
         ["trainer=cpu", "logger=none", "extras.print_config=false", *TINY, "trainer.max_epochs=3"],
         tmp_path,
     )
-    _with_extra_callback(monkeypatch, _PoisonAtEpoch(1))
+    with_extra_callback(monkeypatch, _PoisonAtEpoch(1))
     with pytest.raises(
         NonFiniteLossError, match=r"non-finite training loss .* at global step 2 \(epoch 1, batch 0\)"
     ):

@@ -81,6 +81,26 @@ class RankMetrics(Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
 
 
+class CrashAtEpoch(Callback):
+    """Simulates a killed job: raises KeyError("simulated crash") when epoch `epoch` starts (after the previous
+    epoch's checkpoint)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyError("simulated crash")
+
+
+def with_extra_callback(monkeypatch, callback: Callback) -> None:
+    """Make `cednet_pl.train.train` add `callback` to the configured ones (inside `monkeypatch`)."""
+    import cednet_pl.train as train_mod
+
+    original = train_mod.instantiate_callbacks
+    monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
+
+
 def annotations_by_image(ann_file):
     """``(sorted category ids, {image id: [annotations]})`` of a COCO file (every image, possibly empty)."""
     data = json.loads(ann_file.read_text())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
 
-from cednet_pl.data.imagenet import CorruptImageError, ImageNetDataModule
+from cednet_pl.data.imagenet import IGNORE_LABEL, CorruptImageError, ImageNetDataModule
 from testlib import make_image_folder
 
 
@@ -58,19 +60,66 @@ def test_class_count_mismatch(tmp_path: Path) -> None:
         _dm(root, num_classes=1000).setup("fit")
 
 
-def test_corrupt_image_skipped_with_counted_warning(tmp_path: Path) -> None:
+def test_corrupt_image_skipped_with_counted_warning(tmp_path: Path, caplog) -> None:
     root = make_image_folder(tmp_path / "ds")
     bad = root / "train" / "n00000000" / "img_1.JPEG"
     bad.write_bytes(b"not a jpeg at all")
     dm = _dm(root)
     dm.setup("fit")
     ds = dm.data_train
-    with pytest.warns(UserWarning, match=r"skipping corrupt image \(1 so far\).*img_1\.JPEG"):
-        x, _ = ds[1]
-    assert x.shape == (3, 32, 32)
+    with caplog.at_level(logging.WARNING, logger="cednet_pl.data.imagenet"):
+        x, y = ds[1]
+    assert re.search(
+        r"skipping corrupt image \(1 so far, replaced by the next image\).*img_1\.JPEG", caplog.text
+    )
+    assert x.shape == (3, 32, 32) and y == 0  # the next image of the class
     assert ds.corrupt_count == 1
     ds[1]
     assert ds.corrupt_count == 1  # counted once per file
+    assert dm.take_skipped("train") == [str(bad)] and dm.take_skipped("train") == []
+
+
+def test_corrupt_validation_image_is_dropped_not_replaced(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "ds")
+    bad = root / "val" / "n00000001" / "img_2.JPEG"
+    bad.write_bytes(b"not a jpeg at all")
+    dm = _dm(root)
+    dm.setup("validate")
+    x, y = dm.data_val[6]  # class 1, image 2
+    assert y == IGNORE_LABEL and x.shape == (3, 32, 32)
+    assert dm.take_skipped("val") == [str(bad)]
+
+
+def test_skipped_images_reported_per_epoch_and_left_out_of_val_metrics(make_cfg, tmp_path: Path) -> None:
+    """A run with one corrupt training and one corrupt validation image, read by a loader worker process."""
+    from cednet_pl.train import train
+
+    root = make_image_folder(tmp_path / "ds")
+    (root / "train" / "n00000000" / "img_1.JPEG").write_bytes(b"broken")
+    (root / "val" / "n00000001" / "img_2.JPEG").write_bytes(b"broken")
+    cfg = make_cfg(
+        "train",
+        [
+            "data=imagenet",
+            f"data.root={root}",
+            "data.num_classes=2",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.eval_batch_size=8",
+            "data.num_workers=1",
+            "data.pin_memory=false",
+            "data.persistent_workers=false",
+            "trainer.max_epochs=2",
+        ],
+    )
+    metrics, _ = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    rows = [line.split("\t") for line in (run / "skipped_images.tsv").read_text().splitlines()]
+    assert sorted((r[0], r[1]) for r in rows) == [("train", "0"), ("train", "1"), ("val", "0"), ("val", "1")]
+    assert {Path(r[2]).name for r in rows} == {"img_1.JPEG", "img_2.JPEG"}
+    assert metrics["data/skipped_train"] == 1 and metrics["data/skipped_val"] == 1
+    # 7 readable validation images: every accuracy is k / 7
+    assert abs(metrics["val/acc1"] * 7 - round(metrics["val/acc1"] * 7)) < 1e-4
 
 
 def test_corrupt_image_error_mode_and_limit(tmp_path: Path) -> None:
@@ -83,7 +132,7 @@ def test_corrupt_image_error_mode_and_limit(tmp_path: Path) -> None:
         dm.data_train[1]
     dm = _dm(root, max_corrupt=0)
     dm.setup("fit")
-    with pytest.warns(UserWarning), pytest.raises(CorruptImageError, match="more than 0 corrupt images"):
+    with pytest.raises(CorruptImageError, match="more than 0 corrupt images"):
         dm.data_train[1]
     with pytest.raises(ValueError, match="on_corrupt"):
         _dm(root, on_corrupt="ignore")

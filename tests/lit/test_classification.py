@@ -132,3 +132,15 @@ def test_channels_last() -> None:
     assert module.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     x, y = _batch()
     assert torch.isfinite(module.training_step((x, y), 0))
+
+
+def test_model_summary_flops_are_the_models_count() -> None:
+    """Lightning's summary runs `example_input_array` (the data's image size, else the model's): true FLOPs."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from cednet_pl.models.complexity import count_macs
+
+    module = ClassificationModule(net={"name": "cednet_next_nano", "num_classes": 10}, ema=None)
+    module.setup("fit")  # no trainer: the model's default input size
+    assert tuple(module.example_input_array.shape) == (1, 3, 224, 224)
+    assert ModelSummary(module).total_flops == 2 * count_macs(module.net, (1, 3, 224, 224))

@@ -16,7 +16,14 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.detection import DetectionModule, detection_param_groups
-from testlib import TINY_DET_DATA, annotations_by_image
+from testlib import (
+    FAST_OVERRIDES,
+    TINY_DET_DATA,
+    CrashAtEpoch,
+    annotations_by_image,
+    compose_config,
+    with_extra_callback,
+)
 
 
 def perturbed_results(ann_file, seed=0):
@@ -122,6 +129,11 @@ def test_fast_dev_run_writes_coco_results_and_metrics(make_cfg):
     assert all(len(r["bbox"]) == 4 and r["bbox"][2] >= 0 for r in results)
     logged = objects["trainer"].callback_metrics
     assert all(f"val/{k}" in logged for k in COCO_STAT_NAMES) and "train/loss" in logged
+    # the model summary's FLOPs come from a real forward of `example_input_array` (one 128 px test image)
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    assert objects["model"].example_input_array[0][0].shape == (3, 128, 128)
+    assert ModelSummary(objects["model"]).total_flops > 10**7
 
 
 def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
@@ -176,6 +188,43 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
     )
     with pytest.raises(ValueError, match="wrong-task checkpoint"):
         module.on_load_checkpoint(torch.load(cls_ckpt, weights_only=True))
+
+
+def test_detection_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    """A detection run killed after epoch 0 and resumed ends with the uninterrupted run's weights."""
+    from cednet_pl.train import train
+
+    overrides = [
+        *FAST_OVERRIDES,
+        "+experiment=det_demo",
+        *TINY_DET_DATA,
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.deterministic=true",
+    ]
+    full_cfg = compose_config("train", overrides, tmp_path / "full")
+    train(full_cfg)
+    cfg = compose_config("train", overrides, tmp_path / "resumed")
+    with monkeypatch.context() as m:
+        with_extra_callback(m, CrashAtEpoch(1))
+        with pytest.raises(KeyError, match="simulated crash"):
+            train(cfg)
+    cfg = compose_config("train", overrides, tmp_path / "resumed")
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    assert json.loads((run_dir / "metrics.json").read_text())["resumed_from"] == str(
+        run_dir / "checkpoints" / "last.ckpt"
+    )
+    full = torch.load(Path(full_cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (resumed["epoch"], resumed["global_step"]) == (full["epoch"], full["global_step"]) == (1, 4)
+    differing = [
+        k
+        for k, v in full["state_dict"].items()
+        if not torch.allclose(resumed["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    ]
+    assert differing == []
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,11 @@ clone has them); ``CEDNET_REFERENCE_DIR`` points the tests at another copy.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -17,6 +19,8 @@ import torch
 
 import cednet_pl  # noqa: F401  (registers the timm entry points)
 from cednet_pl.models.cednet import CEDNet
+
+CONVERT_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "convert_checkpoint.py"
 
 
 def _reference_dir() -> Path:
@@ -56,6 +60,16 @@ def _random_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
         else:
             sd[key] = torch.randn(shape, generator=gen)
     return sd
+
+
+@pytest.fixture(scope="module")
+def converter() -> ModuleType:
+    """``scripts/convert_checkpoint.py`` imported as a module."""
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", CONVERT_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

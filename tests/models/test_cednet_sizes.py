@@ -92,7 +92,8 @@ def test_inference_params_exclude_only_auxiliary_heads() -> None:
 
 @pytest.mark.skipif(not SHARED_REFERENCE.is_dir(), reason="no shared reference folder on this machine")
 def test_reference_copies_match_shared(reference_dir: Path) -> None:
-    names = sorted(p.name for p in SHARED_REFERENCE.glob("*.tsv"))
-    assert len(names) == 9
+    # every in-repo copy equals its shared original (the shared folder may hold tables of models not yet added)
+    names = sorted(p.name for p in reference_dir.glob("*.tsv"))
+    assert len(names) >= 13
     matched, mismatch, errors = filecmp.cmpfiles(SHARED_REFERENCE, reference_dir, names, shallow=False)
-    assert (len(matched), mismatch, errors) == (9, [], [])
+    assert (len(matched), mismatch, errors) == (len(names), [], [])

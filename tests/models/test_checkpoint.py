@@ -7,7 +7,6 @@ must reproduce every tensor bit for bit, with no renaming.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
@@ -32,15 +31,6 @@ RELEASED = (
     "cednet_res50",
 )
 NANO = "cednet_next_nano"
-
-
-@pytest.fixture(scope="module")
-def converter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _load(variant: str, path: Path, **kwargs: object) -> torch.nn.Module:

@@ -81,3 +81,10 @@ def test_paper_columns_and_unknown_model(model_table: ModuleType) -> None:
     assert all(timm.is_model(name) for name in model_table.DEFAULT_MODELS)
     with pytest.raises(ValueError, match="unknown model 'not_a_model'"):
         model_table.measure("not_a_model")
+
+
+def test_msg_rows_equal_the_official_counts(model_table: ModuleType) -> None:
+    row = model_table.measure("msg_tiny")
+    assert (row.params, row.macs) == (25_086_116, 3_820_863_488)  # reference/baselines_complexity.tsv
+    assert (row.paper_params_m, row.paper_gflops) == (25.0, 3.8)
+    assert {"msg_small", "msg_base"} <= set(model_table.DEFAULT_MODELS)

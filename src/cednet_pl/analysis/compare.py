@@ -36,7 +36,7 @@ import torch
 
 from cednet_pl.analysis.detector import gradient_pass, image_index
 from cednet_pl.analysis.plots import plot_area_curves, save_comparison_panel
-from cednet_pl.analysis.quality import QualityReport, quality_from_coco, read_quality
+from cednet_pl.analysis.quality import QualityReport, finite_or_none, quality_from_coco, read_quality
 from cednet_pl.analysis.regions import (
     CHANNEL_REDUCTIONS,
     NORMALIZATIONS,
@@ -301,16 +301,16 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         "a": {
             "name": names[0],
             "quality_file": a.quality.name,
-            "mean_image_score": _finite(a.quality.mean_score()),
+            "mean_image_score": finite_or_none(a.quality.mean_score()),
         },
         "b": {
             "name": names[1],
             "quality_file": b.quality.name,
-            "mean_image_score": _finite(b.quality.mean_score()),
+            "mean_image_score": finite_or_none(b.quality.mean_score()),
         },
         "selection": str(selection_path),
         "num_images": len(ids),
-        "mean_gain": _finite(math.fsum(gains) / len(gains)) if gains else None,
+        "mean_gain": finite_or_none(math.fsum(gains) / len(gains)) if gains else None,
         "models": summary_models,
         "area_curves": str(curves_path),
         "panels": panel_paths,
@@ -320,10 +320,6 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"Figure A2 -> {curves_path}; {len(panel_paths)} Figure A1 panels -> {out / 'panels'}")
     return summary
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) else x
 
 
 def build_parser() -> argparse.ArgumentParser:

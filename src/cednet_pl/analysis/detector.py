@@ -33,8 +33,9 @@ from cednet_pl.analysis.regions import (
     input_gradients,
     normalize_maps,
 )
+from cednet_pl.evaluation.coco_eval import detections_to_coco_results
 
-__all__ = ["DetectorPass", "detections_to_results", "eval_mode", "gradient_pass", "image_index"]
+__all__ = ["DetectorPass", "eval_mode", "gradient_pass", "image_index"]
 
 
 @contextlib.contextmanager
@@ -52,28 +53,6 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 def image_index(dataset: Any) -> dict[int, int]:
     """Image id -> dataset index."""
     return {int(i): k for k, i in enumerate(dataset.image_ids)}
-
-
-def detections_to_results(
-    image_ids: Sequence[int],
-    detections: Sequence[dict[str, torch.Tensor]],
-    label_to_category_id: Sequence[int],
-) -> list[dict[str, Any]]:
-    """Detections (xyxy, contiguous labels) -> COCO results entries (xywh, category ids, full precision)."""
-    out = []
-    for iid, det in zip(image_ids, detections, strict=True):
-        boxes = det["boxes"].detach().double().cpu()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-        for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist(), strict=True):
-            out.append(
-                {
-                    "image_id": int(iid),
-                    "category_id": int(label_to_category_id[int(label)]),
-                    "bbox": box,
-                    "score": float(score),
-                }
-            )
-    return out
 
 
 @dataclass
@@ -184,7 +163,7 @@ def _gradient_pass(
         losses, detections = detector.forward_with_loss(
             images, [{k: t[k].to(device) for k in keys if k in t} for t in targets]
         )
-        results.extend(detections_to_results([t["image_id"] for t in targets], detections, label_to_cat))
+        results.extend(detections_to_coco_results([t["image_id"] for t in targets], detections, label_to_cat))
         # NOTE: torchvision's RetinaNet losses are means over the batch; the sum over images keeps each
         # image's gradient equal to the gradient of its own loss.
         return sum(losses.values()) * len(images)

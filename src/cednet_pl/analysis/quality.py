@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cednet_pl.evaluation.coco_eval import load_coco_json, load_coco_results
+
 __all__ = [
     "QUALITY_FORMAT",
     "DatasetIdentity",
@@ -43,8 +45,7 @@ __all__ = [
     "QualityReport",
     "compute_quality",
     "dataset_identity",
-    "load_coco_annotations",
-    "load_coco_results",
+    "finite_or_none",
     "match_objects",
     "quality_from_coco",
     "read_quality",
@@ -372,44 +373,6 @@ def compute_quality(
     ]
 
 
-def load_coco_annotations(ann_file: str | Path) -> dict[str, Any]:
-    """Read a COCO annotation JSON with clear errors (missing file, not JSON, missing keys)."""
-    path = Path(ann_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"COCO annotation file {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
-        raise ValueError(
-            f"{path} is not a COCO annotation file: expected a JSON object with 'images' and 'annotations'"
-        )
-    return data
-
-
-def load_coco_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Read a COCO results JSON (a list of ``{image_id, category_id, bbox, score}``) or pass a list through."""
-    if isinstance(results, str | Path):
-        path = Path(results)
-        if not path.is_file():
-            raise FileNotFoundError(f"COCO results file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"COCO results file {path} is not valid JSON: {err}") from err
-        where = str(path)
-    else:
-        data, where = list(results), "results"
-    if not isinstance(data, list):
-        raise ValueError(f"{where} is not a COCO results file: expected a JSON list of detections")
-    need = {"image_id", "category_id", "bbox", "score"}
-    for i, det in enumerate(data):
-        if not isinstance(det, Mapping) or not need <= det.keys():
-            raise ValueError(f"{where}: detection {i} must have keys {sorted(need)}, got {det!r}")
-    return data
-
-
 def quality_from_coco(
     ann_file: str | Path,
     results: str | Path | Sequence[Mapping[str, Any]],
@@ -437,7 +400,7 @@ def quality_from_coco(
     Raises:
         ValueError: results naming images or categories absent from the annotation file, unknown ``image_ids``.
     """
-    data = load_coco_annotations(ann_file)
+    data = load_coco_json(ann_file)
     dets = load_coco_results(results)
     all_images = {int(im["id"]): im for im in data["images"]}
     categories = {int(c["id"]) for c in data.get("categories", [])}
@@ -482,7 +445,8 @@ def quality_from_coco(
     )
 
 
-def _finite_or_none(x: float) -> float | None:
+def finite_or_none(x: float) -> float | None:
+    """A score for JSON: NaN (no objects to score) becomes null."""
     return None if math.isnan(x) else x
 
 
@@ -507,7 +471,7 @@ def write_quality(report: QualityReport, path: str | Path) -> Path:
         },
         "meta": report.meta,
         "summary": {
-            "mean_image_score": _finite_or_none(report.mean_score()),
+            "mean_image_score": finite_or_none(report.mean_score()),
             "num_images": len(report.images),
             "num_scored_images": sum(1 for im in report.images if im.objects),
             "num_objects": n_obj,
@@ -518,7 +482,7 @@ def write_quality(report: QualityReport, path: str | Path) -> Path:
                 "file_name": im.file_name,
                 "width": im.width,
                 "height": im.height,
-                "score": _finite_or_none(im.score),
+                "score": finite_or_none(im.score),
                 "objects": [
                     {
                         "gt_id": o.gt_id,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cednet_pl.analysis.quality import QualityReport
+from cednet_pl.analysis.quality import QualityReport, finite_or_none
 
 __all__ = [
     "IMAGES_FORMAT",
@@ -101,10 +101,6 @@ def select_top_k(a: QualityReport, b: QualityReport, k: int = 1000, *, clamp: bo
     return [Selected(i, files[i], sa[i], sb[i]) for i in ranked]
 
 
-def _finite_or_none(x: float) -> float | None:
-    return None if math.isnan(x) else x
-
-
 def write_selection(
     selected: Sequence[Selected], path: str | Path, a: QualityReport, b: QualityReport, **meta: Any
 ) -> Path:
@@ -130,8 +126,8 @@ def write_selection(
             {
                 "image_id": s.image_id,
                 "file_name": s.file_name,
-                "score_a": _finite_or_none(s.score_a),
-                "score_b": _finite_or_none(s.score_b),
+                "score_a": finite_or_none(s.score_a),
+                "score_b": finite_or_none(s.score_b),
             }
             for s in selected
         ],

@@ -40,7 +40,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from cednet_pl.data.det_transforms import boxes_from_masks, build_train_transforms, copy_paste
-from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
+from cednet_pl.data.samplers import exact_eval_sampler, sample_seed, train_sampler
 from cednet_pl.evaluation.coco_eval import load_coco_json
 
 __all__ = ["COCODataModule", "COCODetection", "detection_collate"]
@@ -113,6 +113,10 @@ class COCODetection(Dataset):
             are then decoded from the segmentations (a box-shaped mask where an annotation has none).
         max_paste_objects: Most objects pasted at once.
         category_ids: Expected category ids (sorted); checked against the file's categories if given.
+        seed: Base seed of the per-sample augmentation when indexed by ``(index, epoch)`` (from
+            ``EpochSeededSampler(with_epoch=True)``): a sample's augmentation then depends only on the seed, the
+            epoch and the index, so a resumed run repeats the uninterrupted one. A plain int index draws from the
+            global RNG.
         with_masks: Yield instance masks (``target["masks"]``) and recompute boxes from them after the
             transforms; every non-crowd object must have a valid ``segmentation``.
     """
@@ -125,8 +129,10 @@ class COCODetection(Dataset):
         copy_paste_prob: float = 0.0,
         max_paste_objects: int = 7,
         category_ids: Sequence[int] | None = None,
+        seed: int = 0,
         with_masks: bool = False,
     ) -> None:
+        self.seed = int(seed)
         self.with_masks = bool(with_masks)
         self.num_vanished = 0
         self.max_paste_objects = int(max_paste_objects)
@@ -253,7 +259,16 @@ class COCODetection(Dataset):
                 self.num_vanished += vanished
         return image, target
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        if epoch is None:
+            return self._sample(index)
+        # NOTE: the v2 transforms draw from the global RNG: fork it, seeded for this (epoch, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self._sample(index)
+
+    def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         use_cp = self.copy_paste_prob > 0 and len(self) > 1 and float(torch.rand(())) < self.copy_paste_prob
         image, target = self._transformed(index, with_masks=use_cp or self.with_masks)
         if use_cp:
@@ -379,14 +394,16 @@ class COCODataModule(L.LightningDataModule):
                 copy_paste_prob=hp.copy_paste_prob,
                 max_paste_objects=hp.max_paste_objects,
                 category_ids=self.val_dataset.category_ids,
+                seed=hp.shuffle_seed,
                 with_masks=hp.with_masks,
             )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        # train: epoch-seeded order, sharded over DDP ranks; eval: unpadded per-rank shards (every image once)
+        # train: epoch-seeded order, sharded over DDP ranks, (index, epoch) keys for the augmentation seeds;
+        # eval: unpadded per-rank shards (every image once)
         sampler = (
-            train_sampler(dataset, self.hparams.shuffle_seed, trainer=self.trainer)
+            train_sampler(dataset, self.hparams.shuffle_seed, with_epoch=True, trainer=self.trainer)
             if shuffle
             else exact_eval_sampler(dataset)
         )

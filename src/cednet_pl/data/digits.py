@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from cednet_pl.data.samplers import exact_eval_sampler, train_sampler
+from cednet_pl.data.samplers import exact_eval_sampler, sample_seed, train_sampler
 
 
 def load_digits_tensors(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ class DigitsDataset(Dataset):
             generator = None
             if epoch is not None:
                 generator = torch.Generator()
-                generator.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_003 + int(index))
+                generator.manual_seed(sample_seed(self.seed, epoch, index))
             img = self._affine(img, generator)
         img = (img - 0.5) / 0.5
         return img.expand(3, -1, -1).contiguous(), int(self.labels[index])

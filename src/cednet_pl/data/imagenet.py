@@ -5,20 +5,24 @@ torchvision's ImageFolder). Transforms come from `timm.data.create_transform` wi
 RandAugment `rand-m9-mstd0.5-inc1`, bicubic, random erasing 0.25 in `pixel` mode, eval resize + center crop 0.875.
 (With RandAugment on, timm does not add colour jitter, exactly as the ConvNeXt and DeiT code paths.)
 
-Corrupt images: by default (`on_corrupt="skip"`) an image that fails to decode is replaced by the next readable one
-of the split, a warning names the file, and the number of skipped files is counted (`corrupt_count`); more than
-`max_corrupt` skipped files stop the run. `on_corrupt="error"` stops at the first one, naming it.
+Corrupt images: by default (`on_corrupt="skip"`) a training image that fails to decode is replaced by the next
+readable one of the split; a validation image is dropped from the metrics instead (its label becomes
+`IGNORE_LABEL`: a neighbour would count one image twice). Each skipped file is logged through the run's logger (it
+lands in the job log), and the `SkippedImagesReport` callback reports the count per epoch and at the end and
+writes the list to `<run dir>/skipped_images.tsv`. More than `max_corrupt` skipped files stop the run.
+`on_corrupt="error"` stops at the first one, naming it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
@@ -42,6 +46,12 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Imag
 for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
         auto_augment.NAME_TO_OP[_name] = _posterize
+
+
+log = logging.getLogger(__name__)
+
+#: Label of a validation sample whose image could not be decoded: the LightningModule leaves it out of the metrics.
+IGNORE_LABEL = -1
 
 
 class CorruptImageError(RuntimeError):
@@ -102,8 +112,10 @@ class SafeImageFolder(Dataset):
     Args:
         root: The split directory (`<root>/train` or `<root>/val`).
         transform: Image transform.
-        on_corrupt: "skip" (replace by the next readable image, warn, count) or "error".
-        max_corrupt: Stop once more than this many corrupt files were skipped (per process).
+        on_corrupt: "skip" or "error" (stop at the first corrupt file, naming it).
+        max_corrupt: Stop once more than this many corrupt files were skipped (per loader process).
+        drop_corrupt: With "skip": return a placeholder with label `IGNORE_LABEL` for a corrupt image (evaluation:
+            dropped from the metrics) instead of the next readable image (training).
     """
 
     def __init__(
@@ -112,6 +124,7 @@ class SafeImageFolder(Dataset):
         transform: Callable | None = None,
         on_corrupt: str = "skip",
         max_corrupt: int = 100,
+        drop_corrupt: bool = False,
     ):
         if on_corrupt not in ("skip", "error"):
             raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
@@ -119,7 +132,10 @@ class SafeImageFolder(Dataset):
         self.transform = transform
         self.on_corrupt = on_corrupt
         self.max_corrupt = int(max_corrupt)
+        self.drop_corrupt = drop_corrupt
         self.corrupt_files: set[str] = set()
+        # NOTE: shared memory, so the flags that loader workers set are seen by the main process
+        self.skipped = torch.zeros(len(self.folder.samples), dtype=torch.bool).share_memory_()
 
     @property
     def classes(self) -> list[str]:
@@ -133,27 +149,42 @@ class SafeImageFolder(Dataset):
     def corrupt_count(self) -> int:
         return len(self.corrupt_files)
 
+    def take_skipped(self) -> list[str]:
+        """The files skipped since the last call (in any loader process), and clear the record."""
+        flagged = self.skipped.nonzero().flatten().tolist()
+        self.skipped.zero_()
+        return [self.folder.samples[i][0] for i in flagged]
+
     def __len__(self) -> int:
         return len(self.folder.samples)
+
+    def _skip(self, index: int, path: str, err: CorruptImageError) -> None:
+        if self.on_corrupt == "error":
+            raise err
+        self.skipped[index] = True
+        if path not in self.corrupt_files:
+            self.corrupt_files.add(path)
+            what = "dropped from the metrics" if self.drop_corrupt else "replaced by the next image"
+            log.warning(f"skipping corrupt image ({self.corrupt_count} so far, {what}): {err}")
+        if self.corrupt_count > self.max_corrupt:
+            raise CorruptImageError(
+                f"more than {self.max_corrupt} corrupt images skipped (last: {path}); the dataset looks "
+                f"damaged (raise data.max_corrupt to go on)"
+            ) from err
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         n = len(self)
         for attempt in range(min(n, 16)):
-            path, target = self.folder.samples[(index + attempt) % n]
+            i = (index + attempt) % n
+            path, target = self.folder.samples[i]
             try:
                 img = _load_rgb(path)
             except CorruptImageError as e:
-                if self.on_corrupt == "error":
-                    raise
-                if path not in self.corrupt_files:
-                    self.corrupt_files.add(path)
-                    warnings.warn(f"skipping corrupt image ({self.corrupt_count} so far): {e}", stacklevel=2)
-                if self.corrupt_count > self.max_corrupt:
-                    raise CorruptImageError(
-                        f"more than {self.max_corrupt} corrupt images skipped (last: {path}); the dataset looks "
-                        f"damaged (raise data.max_corrupt to go on)"
-                    ) from e
-                continue
+                self._skip(i, path, e)
+                if self.drop_corrupt:
+                    img, target = Image.new("RGB", (256, 256)), IGNORE_LABEL
+                else:
+                    continue
             return (self.transform(img) if self.transform is not None else img), target
         raise CorruptImageError(
             f"16 consecutive unreadable images starting at {self.folder.samples[index][0]}"
@@ -184,7 +215,8 @@ class ImageNetDataModule(L.LightningDataModule):
         ratio: RandomResizedCrop aspect-ratio range.
         mean: Normalisation mean.
         std: Normalisation std.
-        on_corrupt: "skip" (warn, count, use the next image) or "error" (stop at the first corrupt file).
+        on_corrupt: "skip" (log the file; training uses the next image, validation drops it from the metrics) or
+            "error" (stop at the first corrupt file).
         max_corrupt: Give up after this many skipped files (per loader process).
         shuffle_seed: Seed of the epoch-deterministic shuffling (DDP ranks take interleaved shards of the same order).
     """
@@ -257,7 +289,13 @@ class ImageNetDataModule(L.LightningDataModule):
 
     def _split(self, split: str, transform: Callable) -> SafeImageFolder:
         split_dir = check_split_dir(self.root, split)
-        ds = SafeImageFolder(split_dir, transform, self.hparams.on_corrupt, self.hparams.max_corrupt)
+        ds = SafeImageFolder(
+            split_dir,
+            transform,
+            self.hparams.on_corrupt,
+            self.hparams.max_corrupt,
+            drop_corrupt=split != "train",
+        )
         if len(ds.classes) != self.num_classes:
             raise ValueError(
                 f"{split_dir} has {len(ds.classes)} class folders but data.num_classes={self.num_classes} "
@@ -295,6 +333,11 @@ class ImageNetDataModule(L.LightningDataModule):
             persistent_workers=bool(hp.persistent_workers and hp.num_workers > 0),
             drop_last=train,
         )
+
+    def take_skipped(self, split: str) -> list[str]:
+        """Files of `split` ("train"/"val") skipped as corrupt since the last call (see `SkippedImagesReport`)."""
+        ds = self.data_train if split == "train" else self.data_val
+        return ds.take_skipped() if ds is not None else []
 
     def train_dataloader(self) -> DataLoader:
         assert self.data_train is not None, "call setup('fit') first"

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.data import DistributedSampler
 
-__all__ = ["EpochSeededSampler", "current_epoch", "exact_eval_sampler", "train_sampler"]
+__all__ = ["EpochSeededSampler", "current_epoch", "exact_eval_sampler", "sample_seed", "train_sampler"]
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -52,6 +52,11 @@ class EpochSeededSampler(DistributedSampler):
         epoch = self.epoch
         shard = super().__iter__()
         return ((i, epoch) for i in shard) if self.with_epoch else shard
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentation in one epoch (for `(index, epoch)` keys of `EpochSeededSampler`)."""
+    return (int(seed) * 1_000_003 + int(epoch)) * 1_000_003 + int(index)
 
 
 def _dist_world() -> tuple[int, int] | None:

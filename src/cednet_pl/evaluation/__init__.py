@@ -6,6 +6,7 @@ from cednet_pl.evaluation.coco_eval import (
     encode_masks,
     evaluate_coco,
     load_coco_json,
+    load_coco_results,
     masks_to_coco_results,
     write_results_json,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "encode_masks",
     "evaluate_coco",
     "load_coco_json",
+    "load_coco_results",
     "masks_to_coco_results",
     "write_results_json",
 ]

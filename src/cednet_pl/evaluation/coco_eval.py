@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_convert
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,36 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_coco_results(
+    results: str | Path | Sequence[Mapping[str, Any]], iou_type: str = "bbox"
+) -> list[Mapping[str, Any]]:
+    """Read a COCO results JSON (a list of ``{image_id, category_id, bbox, score}``, or with ``segmentation``
+    in place of ``bbox`` for ``iou_type="segm"``) or pass a list through.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not JSON, not a list, or a detection without the four keys.
+    """
+    if isinstance(results, str | Path):
+        path = Path(results)
+        if not path.is_file():
+            raise FileNotFoundError(f"COCO results file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"COCO results file {path} is not valid JSON: {err}") from err
+        where = str(path)
+    else:
+        data, where = list(results), "results"
+    if not isinstance(data, list):
+        raise ValueError(f"{where} is not a COCO results file: expected a JSON list of detections")
+    need = {"image_id", "category_id", "segmentation" if iou_type == "segm" else "bbox", "score"}
+    for i, det in enumerate(data):
+        if not isinstance(det, Mapping) or not need <= det.keys():
+            raise ValueError(f"{where}: detection {i} must have keys {sorted(need)}, got {det!r}")
+    return data
+
+
 def detections_to_coco_results(
     image_ids: Sequence[int],
     detections: Sequence[Mapping[str, torch.Tensor]],
@@ -108,7 +139,7 @@ def detections_to_coco_results(
         boxes = det["boxes"].detach().float().cpu()
         if boxes.numel() == 0:
             continue
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
         scores = det["scores"].detach().float().cpu().tolist()
         labels = det["labels"].detach().cpu().tolist()
         for box, score, label in zip(xywh, scores, labels, strict=True):
@@ -215,16 +246,7 @@ def evaluate_coco(
         raise ValueError(f"unknown COCO iou_type {iou_type!r}; expected one of {list(IOU_TYPES)}")
     coco_cls, eval_cls = _import_backend(backend)
     data = load_coco_json(annotation_file)
-    if isinstance(results, str | Path):
-        results_path = Path(results)
-        if not results_path.is_file():
-            raise FileNotFoundError(f"COCO results file not found: {results_path}")
-        with results_path.open() as f:
-            entries = json.load(f)
-    else:
-        entries = results
-    if not isinstance(entries, list):
-        raise ValueError(f"COCO results must be a JSON list of detections, got {type(entries).__name__}")
+    entries = load_coco_results(results, iou_type)
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -24,20 +24,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cednet_pl.lit.optim import build_optimizer, build_scheduler, resolve_lr, top_lr
 from cednet_pl.utils.logging import RankedLogger
+from cednet_pl.utils.run import plain
 
 log = RankedLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    """Turn OmegaConf containers into plain python containers (hyperparameters must be plain)."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:
-        pass
-    return value
 
 
 def build_net(name: str, **kwargs: Any) -> nn.Module:
@@ -97,12 +86,12 @@ class ClassificationModule(L.LightningModule):
         channels_last: bool = False,
     ):
         super().__init__()
-        net = dict(_plain(net))
-        stage_weights = _plain(stage_weights)
-        mixup = _plain(mixup)
-        optimizer = _plain(optimizer)
-        scheduler = _plain(scheduler)
-        ema = _plain(ema)
+        net = dict(plain(net))
+        stage_weights = plain(stage_weights)
+        mixup = plain(mixup)
+        optimizer = plain(optimizer)
+        scheduler = plain(scheduler)
+        ema = plain(ema)
         self.save_hyperparameters(
             {
                 "net": net,
@@ -241,6 +230,11 @@ class ClassificationModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], split: str, metrics: MetricCollection
     ) -> None:
         x, y = batch
+        keep = y >= 0  # a negative label marks an image the dataset could not decode: not counted
+        if not bool(keep.all()):
+            x, y = x[keep], y[keep]
+            if y.numel() == 0:
+                return
         x = self._prepare(x)
         logits = self.stage_logits(x)
         loss = nn.functional.cross_entropy(logits[-1], y)
@@ -265,6 +259,17 @@ class ClassificationModule(L.LightningModule):
         return self.net(self._prepare(x)).softmax(dim=-1)
 
     # EMA and throughput bookkeeping
+    def setup(self, stage: str) -> None:
+        # one image at the data's size (else the model's default input size): Lightning's model summary runs it to
+        # print true FLOPs and tensor sizes
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        size = (
+            getattr(dm, "image_size", None)
+            or (getattr(dm, "hparams", None) or {}).get("image_size")
+            or (getattr(self.net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        )
+        self.example_input_array = torch.zeros(1, 3, int(size), int(size))
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
         state = checkpoint.get("state_dict") or {}

@@ -43,6 +43,7 @@ from cednet_pl.models.detection import (
     detector_kind_of,
 )
 from cednet_pl.utils.logging import RankedLogger
+from cednet_pl.utils.run import plain
 
 __all__ = [
     "BACKBONES",
@@ -58,17 +59,6 @@ log = RankedLogger(__name__)
 BACKBONES = {"cednet": CEDNetPyramid, "timm_fpn": TimmFPNBackbone}
 #: ``task`` of the LightningModules whose ``net`` has ``forward_with_loss`` (the analysis runs on all of them).
 DETECTION_TASKS = ("detection", "instance_segmentation")
-
-
-def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:
-        pass
-    return value
 
 
 def build_backbone(kind: str = "cednet", **kwargs: Any) -> torch.nn.Module:
@@ -212,11 +202,11 @@ class DetectionModule(L.LightningModule):
         evaluation: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        backbone = dict(_plain(backbone))
-        detector = dict(_plain(detector) or {})
-        optimizer = dict(_plain(optimizer) or {})
-        scheduler = dict(_plain(scheduler) or {})
-        evaluation = dict(_plain(evaluation) or {})
+        backbone = dict(plain(backbone))
+        detector = dict(plain(detector) or {})
+        optimizer = dict(plain(optimizer) or {})
+        scheduler = dict(plain(scheduler) or {})
+        evaluation = dict(plain(evaluation) or {})
         self.save_hyperparameters(
             {
                 "backbone": backbone,
@@ -271,6 +261,10 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+        # two square images at the detector's test size (two: GroupNorm cannot normalise a single 1x1 P7 map of a
+        # small demo size): Lightning's model summary runs them to print true FLOPs
+        side = int(self.net.transform.min_size[0])
+        self.example_input_array = ([torch.zeros(3, side, side), torch.zeros(3, side, side)],)
         # NOTE: when a fit resumes, the checkpoint restored after setup overwrites these weights
         if stage == "fit" and self.pretrained:
             self._load_pretrained(self.pretrained)

@@ -54,7 +54,9 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+
+# timm.layers.LayerNorm2d: LayerNorm over the channels of NCHW maps (eps 1e-6), as the released models
+from timm.layers import DropPath, LayerNorm2d
 from torch import nn
 
 __all__ = [
@@ -136,25 +138,6 @@ def get_family(name: str | BlockFamily) -> BlockFamily:
     return FAMILIES[name]
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map.
-
-    The map is viewed as NHWC, normalised over C and viewed back. For a channels_last tensor both
-    permutes are free (no copy), which is the memory format the model is meant to run in.
-
-    Args:
-        num_channels: Number of channels C.
-        eps: Added to the variance (1e-6, as in the released models).
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__(num_channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
 class PointwiseConv2d(nn.Conv2d):
     """1x1 conv (same parameters and state_dict as ``nn.Conv2d(in, out, 1)``) computed as a Linear over NHWC.
 
@@ -181,9 +164,9 @@ class PatchConv2d(nn.Conv2d):
     """k x k conv with stride k and no padding (a downsample; same parameters and state_dict as ``nn.Conv2d``),
     computed as a Linear over the k x k patches of the NHWC map.
 
-    On CPU, oneDNN's strided conv backward is ~30% slower than the matmul on the patch-unfolded map (2x2, stride 2
-    downsamples of CEDNet-T: 66 -> 46 ms at 8x192x28x28 -> 352). Rows/columns that do not fill a patch are dropped,
-    as the strided conv does. Same MAC count. Other devices run the conv (cuDNN's is faster there).
+    On CPU, oneDNN's strided conv backward is slower than the matmul on the patch-unfolded map (README, speed
+    section). Rows/columns that do not fill a patch are dropped, as the strided conv does. Same MAC count. Other
+    devices run the conv (cuDNN's is faster there).
 
     Args:
         in_chs: Input channels.
@@ -196,7 +179,7 @@ class PatchConv2d(nn.Conv2d):
         super().__init__(in_chs, out_chs, kernel_size=patch, stride=patch, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # cuDNN's strided conv is faster off CPU (H100, bf16: 6.5 vs 8.7 ms fwd+bwd, CEDNet-T)
+        # cuDNN's strided conv is faster off CPU
         if x.device.type != "cpu":
             return super().forward(x)
         k = self.kernel_size[0]
@@ -218,12 +201,11 @@ class PatchConv2d(nn.Conv2d):
 class _DepthwiseConv2dCPU(torch.autograd.Function):
     """Stride-1 depthwise conv whose weight gradient is computed as a depthwise conv too.
 
-    oneDNN's depthwise weight-gradient kernel is 4-6x slower than its forward on CPU. The same gradient is a
-    depthwise conv of the padded input (all B*C maps as groups, NCHW) with the output gradient as the kernel,
-    summed over the batch, which oneDNN's forward kernel runs 1.1-3.8x faster (``scripts/bench_dwconv.py``, 2
-    threads, CEDNet-T's convs at batch 8: 22.4 -> 11.5 ms at 96x56x56, 12.0 -> 6.1 ms at 192x28x28, 11.1 -> 3.1 ms
-    for the cropped dilated conv at 512x7x7). The input gradient is oneDNN's own; the backward is built from
-    differentiable ops, so double backward works.
+    oneDNN's depthwise weight-gradient kernel is several times slower than its forward on CPU. The same gradient
+    is a depthwise conv of the padded input (all B*C maps as groups, NCHW) with the output gradient as the kernel,
+    summed over the batch, which oneDNN's forward kernel runs faster (timings: README, speed section,
+    ``scripts/bench_dwconv.py``). The input gradient is oneDNN's own; the backward is built from differentiable
+    ops, so double backward works.
     """
 
     @staticmethod
@@ -332,13 +314,12 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if rh < r or rw < r:
         weight = conv.weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
         if x.device.type == "cpu":
-            # NOTE: oneDNN's dilated depthwise conv is ~2x slower on channels_last than on NCHW, and a strided
-            # (cropped) weight alone sends it down the channels_last path: make both contiguous (16.6 vs 26.8 ms
-            # forward+backward at 8x512x7x7, 2 threads)
+            # NOTE: oneDNN's dilated depthwise conv is slower on channels_last than on NCHW, and a strided
+            # (cropped) weight alone sends it down the channels_last path: make both contiguous
             x, weight = x.contiguous(), weight.contiguous()
         return depthwise_conv2d(x, weight, conv.bias, (d * rh, d * rw), d)
     # space to batch in NHWC (free for a channels_last input; the sub-maps stay channels_last, which oneDNN's
-    # depthwise conv prefers: 2-2.5x faster than the NCHW version at 25x25-32x32)
+    # depthwise conv prefers on these map sizes)
     pad_b, pad_r = (-h) % d, (-w) % d
     xh = x.permute(0, 2, 3, 1)
     if pad_b or pad_r:

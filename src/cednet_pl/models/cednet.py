@@ -22,7 +22,6 @@ Layout (224x224 input)::
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -30,19 +29,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import (
     adapt_input_conv,
     build_model_with_cfg,
+    checkpoint_seq,
     generate_default_cfgs,
     named_apply,
     register_model,
 )
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cednet_pl.models.blocks import BlockFamily, PatchConv2d, PointwiseConv2d, get_family
-from cednet_pl.models.checkpoint import _mismatch_message, load_checkpoint_file, unwrap_state_dict
+from cednet_pl.models.checkpoint import (
+    check_state_dict_keys,
+    load_checkpoint_file,
+    load_pretrained_file,
+    local_file_overlay,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "DECODERS",
@@ -53,7 +58,6 @@ __all__ = [
     "load_checkpoint_file",
 ]
 
-_logger = logging.getLogger(__name__)
 
 DECODERS = ("lightweight", "unet", "hourglass", "fpnconv")
 _POOL_TYPES = ("", "avg", "max", "avgmax")
@@ -63,9 +67,7 @@ _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
     """Run a sequence of blocks, checkpointing each one when asked (and when autograd is on)."""
     if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
+        return checkpoint_seq(blocks, x, use_reentrant=False)
     return blocks(x)
 
 
@@ -293,7 +295,7 @@ class CEDNet(nn.Module):
         n_lateral = 2 if decoder == "hourglass" else 0
         n_enc, n_dec = sum(enc_depths), sum(dec_depths) + n_lateral
         total = p2_block + num_stages * n_enc + (num_stages - 1) * n_dec
-        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        rates = calculate_drop_path_rates(drop_path_rate, total)
         # Rates in ramp order: P2 blocks, then per stage its encoder blocks, then its decoder blocks.
         self.drop_path_rates = rates
         rate_iter = iter(rates)
@@ -584,38 +586,36 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
         sd = {k: v for k, v in sd.items() if not k.startswith("heads.")}
         expected = {k: v for k, v in expected.items() if not k.startswith("heads.")}
 
-    if "stem.0.weight" in sd and "stem.0.weight" in expected:
-        w, shape = sd["stem.0.weight"], expected["stem.0.weight"]
-        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
-            sd["stem.0.weight"] = adapt_input_conv(shape[1], w)
+    adapt_first_conv(sd, "stem.0.weight", expected)
 
-    missing = [k for k in expected if k not in sd]
-    aux_missing = [k for k in missing if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    aux_missing = [
+        k for k in expected if k not in sd and (s := _head_stage(k)) is not None and s < num_stages - 1
+    ]
     aux_all = [k for k in expected if (s := _head_stage(k)) is not None and s < num_stages - 1]
+    optional: list[str] = []
     if aux_missing and len(aux_missing) == len(aux_all):
         notes.append(
             f"{variant}: checkpoint has no auxiliary (non-last-stage) heads; they keep their fresh "
             "initialisation (they only matter for deep-supervision training)"
         )
-        missing = [k for k in missing if k not in set(aux_missing)]
-    unexpected = [k for k in sd if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
-        for k in sd
-        if k in expected and sd[k].shape != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+        optional = aux_missing
+    check_state_dict_keys(sd, expected, variant, optional=optional)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return sd
 
 
+def adapt_first_conv(sd: dict[str, torch.Tensor], key: str, expected: Mapping[str, torch.Size]) -> None:
+    """Adapt the first conv's weight ``sd[key]`` in place to the model's ``in_chans`` (timm's rule)."""
+    if key in sd and key in expected:
+        w, shape = sd[key], expected[key]
+        if w.ndim == 4 and w.shape != shape and w.shape[0] == shape[0] and w.shape[2:] == shape[2:]:
+            sd[key] = adapt_input_conv(shape[1], w)
+
+
 def _load_pretrained_file(model: CEDNet, path: str) -> None:
     """``model.load_pretrained`` hook used by timm for ``pretrained_cfg_overlay=dict(file=...)``."""
-    sd = checkpoint_filter_fn(load_checkpoint_file(path), model)
-    result = model.load_state_dict(sd, strict=False)
-    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+    load_pretrained_file(model, path, checkpoint_filter_fn)
 
 
 CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
@@ -625,15 +625,11 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
     if kwargs.get("features_only"):
         kwargs.setdefault("with_heads", False)
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if overlay.get("file"):
-        # Load local files through our own reader (clear errors, Lightning/released wrappers).
-        overlay.setdefault("custom_load", True)
     return build_model_with_cfg(
         CEDNet,
         variant,
         pretrained,
-        pretrained_cfg_overlay=overlay or None,
+        pretrained_cfg_overlay=local_file_overlay(kwargs),
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
         **kwargs,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,8 +28,11 @@ __all__ = [
     "CONFIG_KEY",
     "TRUST_HINT",
     "CheckpointReadError",
+    "check_state_dict_keys",
     "is_lightning_checkpoint",
     "load_checkpoint_file",
+    "load_pretrained_file",
+    "local_file_overlay",
     "read_checkpoint",
     "unwrap_state_dict",
 ]
@@ -168,3 +171,49 @@ def _mismatch_message(variant: str, missing: list[str], unexpected: list[str], m
                 f"  {len(items)} {title} keys: " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else "")
             )
     return "\n".join(lines)
+
+
+def check_state_dict_keys(
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Size],
+    variant: str,
+    optional: Sequence[str] = (),
+) -> None:
+    """Raise ``RuntimeError`` naming every missing (except ``optional``), unexpected and mis-shaped key.
+
+    Args:
+        sd: The checkpoint's state_dict (after a model's filter has adapted it).
+        expected: ``{key: shape}`` of the model's state_dict.
+        variant: Model name for the message.
+        optional: Keys the checkpoint may lack (they keep their fresh initialisation).
+    """
+    skip = set(optional)
+    missing = [k for k in expected if k not in sd and k not in skip]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k])}"
+        for k in sd
+        if k in expected and sd[k].shape != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        raise RuntimeError(_mismatch_message(variant, missing, unexpected, mismatched))
+
+
+FilterFn = Callable[[Mapping[str, Any], torch.nn.Module], dict[str, torch.Tensor]]
+
+
+def load_pretrained_file(model: torch.nn.Module, path: str, filter_fn: FilterFn) -> None:
+    """Load a local checkpoint file into ``model`` through a model family's ``filter_fn`` (its strict key check);
+    the body of every family's ``model.load_pretrained`` hook."""
+    sd = filter_fn(load_checkpoint_file(path), model)
+    result = model.load_state_dict(sd, strict=False)
+    _logger.info("loaded %s (%d tensors; fresh init: %s)", path, len(sd), result.missing_keys[:10])
+
+
+def local_file_overlay(kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop ``pretrained_cfg_overlay`` from timm ``create_model`` kwargs; a local ``file`` is then loaded by the
+    model's own ``load_pretrained`` (this module's reader: clear errors, Lightning/released wrappers), not timm's."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if overlay.get("file"):
+        overlay.setdefault("custom_load", True)
+    return overlay or None

@@ -127,6 +127,59 @@ class DistributedRunReport(Callback):
         self._report_finished(trainer)
 
 
+class SkippedImagesReport(Callback):
+    """Report the images a DataModule skipped as corrupt: count per epoch, total at the end, list in the run dir.
+
+    Works with any DataModule that has `take_skipped(split) -> list[str]` (e.g. `ImageNetDataModule`): after every
+    training epoch and every validation the files skipped on all ranks are gathered; rank zero logs their number
+    (`data/skipped_train`, `data/skipped_val` metrics and a log line) and appends them to
+    `<run dir>/skipped_images.tsv` (`split, epoch, path`). Each file is also logged by the dataset when it is met.
+
+    Args:
+        filename: Name of the list in the run dir (`trainer.default_root_dir`).
+    """
+
+    def __init__(self, filename: str = "skipped_images.tsv") -> None:
+        self.filename = filename
+        self.totals = {"train": 0, "val": 0}
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not callable(getattr(dm, "take_skipped", None)):
+            return
+        files = list(dm.take_skipped(split))
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, files)
+            files = sorted({f for part in parts for f in part})
+        self.totals[split] += len(files)
+        pl_module.log(f"data/skipped_{split}", float(len(files)), rank_zero_only=True)
+        if not files or not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / self.filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.writelines(f"{split}\t{trainer.current_epoch}\t{name}\n" for name in files)
+        note = "replaced by other images" if split == "train" else "left out of the metrics"
+        rank_log.warning(
+            f"epoch {trainer.current_epoch}: {len(files)} corrupt {split} image(s) skipped ({note}); list: {path}"
+        )
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collect(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._collect(trainer, pl_module, "val")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and any(self.totals.values()):
+            rank_log.warning(
+                f"corrupt images skipped in this run: {self.totals['train']} in training, {self.totals['val']} in "
+                f"validation (per epoch; list: {Path(trainer.default_root_dir) / self.filename})"
+            )
+
+
 def is_interactive() -> bool:
     """Whether stdout is a terminal (not a log file, a pipe or a batch job)."""
     try:

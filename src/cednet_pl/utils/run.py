@@ -69,12 +69,11 @@ def get_metric_value(metrics: Mapping[str, Any], name: str | None) -> float | No
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def plain(cfg: DictConfig | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Resolve a config node into a plain dict."""
-    if cfg is None:
-        return {}
-    if isinstance(cfg, DictConfig):
-        out = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(out, dict)
-        return out
-    return dict(cfg)
+def plain(value: Any) -> Any:
+    """Resolve an OmegaConf container (dict or list config) into plain python containers; other values as they are.
+
+    Hyper-parameters and configs stored in checkpoints must be plain (weights-only loading refuses OmegaConf).
+    """
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
