@@ -13,7 +13,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e ".[dev,slurm,fast]"
+	$(BIN)/pip install -e ".[dev,slurm,fast,loggers]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package with dev/slurm extras
@@ -41,7 +41,10 @@ table: $(STAMP) ## Print the model table (params, GMACs at 224)
 bench: $(STAMP) ## Training-step benchmark CEDNet-NeXt-T vs ConvNeXt-T
 	$(BIN)/python scripts/bench_models.py $(ARGS)
 
+appendix-b: $(STAMP) ## Appendix B at demo scale: CEDNet-nano vs matched ConvNeXt, 3 seeds -> logs/appendix_b
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/appendix_b.py $(ARGS)
+
 clean: ## Remove caches and run outputs (keeps .venv)
 	rm -rf logs .pytest_cache .ruff_cache
 
-.PHONY: help install train test test-full lint format table bench clean
+.PHONY: help install train test test-full lint format table bench appendix-b clean

@@ -1,13 +1,16 @@
 """Benchmark GradientRegions: images/s of the input-gradient pass vs one validation pass, on CPU by default.
 
-Both passes run the same detector on the same synthetic validation images (the det_demo canvases, 256 px):
+Both passes run the same detector on the same synthetic validation images (the det_demo canvases, 256 px), for
+each detector asked for (default: both detectors of the appendix-B comparison, ``det_demo`` = RetinaNet-CEDNet-nano
+and ``det_demo_convnext`` = its matched ConvNeXt + FPN, built from the experiments' model configs):
 
 - validation: eval mode, inference mode, ``forward_with_loss`` (what ``DetectionModule.validation_step`` runs);
 - gradient regions: :func:`cednet_pl.analysis.detector.gradient_pass` (eval mode, loss backpropagated to the
   input pixels, maps reduced to area curves), as the GradientRegions callback runs it.
 
-    python scripts/bench_gradient_regions.py                      # RetinaNet-CEDNet-nano, det_demo sizes
-    python scripts/bench_gradient_regions.py --backbone convnext_atto --num-images 64 --threads 2
+    python scripts/bench_gradient_regions.py                      # det_demo and det_demo_convnext detectors
+    python scripts/bench_gradient_regions.py --experiment det_demo_convnext --num-images 64 --threads 2
+    python scripts/bench_gradient_regions.py --backbone convnext_atto  # a timm trunk + FPN, 64 channels
     python scripts/bench_gradient_regions.py --ckpt logs/analysis_demo/cednet_nano/checkpoints/last.ckpt
 """
 
@@ -24,6 +27,22 @@ from cednet_pl.analysis.detector import eval_mode, gradient_pass
 from cednet_pl.data.coco import COCODetection
 from cednet_pl.data.synthetic_det import generate_synthetic_det
 from cednet_pl.lit.detection import DetectionModule
+
+#: the two detectors of the appendix-B comparison (scripts/appendix_b.py)
+DEFAULT_EXPERIMENTS = ("det_demo", "det_demo_convnext")
+
+
+def experiment_detector(experiment: str, size: int) -> DetectionModule:
+    """The detector of an experiment config (``det_demo``, ``det_demo_convnext``) at ``size`` px canvases."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from cednet_pl.utils.run import CONF_DIR
+
+    overrides = [f"+experiment={experiment}", f"data.test_min_size={size}", f"data.test_max_size={size}"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name="train", overrides=overrides)
+    return instantiate(cfg.model)
 
 
 def build_detector(backbone: str, size: int) -> DetectionModule:
@@ -55,8 +74,13 @@ def validation_pass(net: torch.nn.Module, dataset: COCODetection, ids: list[int]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="cednet_next_nano", help="cednet_* (pyramid) or a timm model (+FPN)")
-    p.add_argument("--ckpt", help="a trained detection checkpoint instead of a random detector")
+    p.add_argument(
+        "--experiment",
+        action="append",
+        help="detector of this experiment (repeatable; default: det_demo and det_demo_convnext)",
+    )
+    p.add_argument("--backbone", help="instead: cednet_* (pyramid) or a timm model (+FPN), 64 channels")
+    p.add_argument("--ckpt", help="instead: a trained detection checkpoint")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--size", type=int, default=256, help="canvas side (det_demo: 256)")
@@ -67,6 +91,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    torch.manual_seed(0)
+    if args.ckpt:
+        from cednet_pl.analysis.compare import load_detector
+
+        detectors = [(Path(args.ckpt).name, load_detector(args.ckpt))]
+    elif args.backbone:
+        detectors = [(args.backbone, build_detector(args.backbone, args.size))]
+    else:
+        detectors = [(e, experiment_detector(e, args.size)) for e in args.experiment or DEFAULT_EXPERIMENTS]
+
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_synthetic_det(
             Path(args.data_root or tmp) / "bench_synthetic_det",
@@ -75,34 +109,27 @@ def main() -> None:
             image_size=args.size,
         )
         dataset = COCODetection(root / "val", root / "annotations" / "instances_val.json")
-        if args.ckpt:
-            from cednet_pl.analysis.compare import load_detector
-
-            module = load_detector(args.ckpt)
-        else:
-            torch.manual_seed(0)
-            module = build_detector(args.backbone, args.size)
-        net = module.net
         ids = list(dataset.image_ids)
         n = len(ids)
-
-        val_s, grad_s = [], []
-        for rep in range(args.reps + 1):
-            v = validation_pass(net, dataset, ids, args.batch_size)
-            g = gradient_pass(net, dataset, ids, batch_size=args.batch_size).seconds
-            if rep:
-                val_s.append(v)
-                grad_s.append(g)
-    v, g = min(val_s), min(grad_s)
-    name = module.hparams["backbone"]["model_name"]
-    params = sum(q.numel() for q in net.parameters()) / 1e6
-    print(
-        f"RetinaNet-{name} ({params:.2f} M params), {n} images {args.size}x{args.size}, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} threads, device cpu"
-    )
-    print(f"validation pass      : {v:7.2f} s  {n / v:7.2f} img/s")
-    print(f"gradient regions pass: {g:7.2f} s  {n / g:7.2f} img/s")
-    print(f"cost relative to one validation pass: {g / v:.2f}x")
+        print(
+            f"{n} images {args.size}x{args.size}, batch {args.batch_size}, {torch.get_num_threads()} threads, cpu"
+        )
+        for label, module in detectors:
+            net = module.net
+            val_s, grad_s = [], []
+            for rep in range(args.reps + 1):
+                v = validation_pass(net, dataset, ids, args.batch_size)
+                g = gradient_pass(net, dataset, ids, batch_size=args.batch_size).seconds
+                if rep:
+                    val_s.append(v)
+                    grad_s.append(g)
+            v, g = min(val_s), min(grad_s)
+            name = module.hparams["backbone"]["model_name"]
+            params = sum(q.numel() for q in net.parameters()) / 1e6
+            print(f"{label}: RetinaNet-{name} ({params:.2f} M params)")
+            print(f"  validation pass      : {v:7.2f} s  {n / v:7.2f} img/s")
+            print(f"  gradient regions pass: {g:7.2f} s  {n / g:7.2f} img/s")
+            print(f"  cost relative to one validation pass: {g / v:.2f}x")
 
 
 if __name__ == "__main__":

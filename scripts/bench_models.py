@@ -20,6 +20,7 @@ Examples::
     python scripts/bench_models.py                       # CPU (or CUDA if present), 5 reps each
     python scripts/bench_models.py --device cpu --reps 3 --profile
     python scripts/bench_models.py --device cuda --amp bf16 --compile --batch-size 64
+    python scripts/bench_models.py --models "revcol_tiny[save_memory=true]" revcol_tiny convnext_tiny
 """
 
 from __future__ import annotations
@@ -165,10 +166,39 @@ def use_our_depthwise_convs(model: torch.nn.Module) -> int:
     return swapped
 
 
+def parse_model_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``'revcol_tiny[save_memory=true,aux_heads=false]'`` -> ``('revcol_tiny', {'save_memory': True, ...})``:
+    a timm name with optional ``create_model`` kwargs (ints, floats, true/false, else strings)."""
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ValueError(f"model spec {spec!r}: expected NAME[key=value,...]")
+    name, _, body = spec[:-1].partition("[")
+    kwargs: dict[str, object] = {}
+    for item in filter(None, body.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"model spec {spec!r}: {item!r} is not key=value")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            kwargs[key] = lowered == "true"
+            continue
+        for cast in (int, float):
+            try:
+                kwargs[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            kwargs[key] = value
+    return name, kwargs
+
+
 def build_runner(name: str, args: argparse.Namespace, device: torch.device) -> Runner:
-    """Create model (random init) + AdamW on ``device``."""
+    """Create model (random init) + AdamW on ``device``; ``name`` may carry kwargs (:func:`parse_model_spec`)."""
+    model_name, kwargs = parse_model_spec(name)
     model = timm.create_model(
-        name, pretrained=False, num_classes=args.num_classes, drop_path_rate=args.drop_path
+        model_name, pretrained=False, num_classes=args.num_classes, drop_path_rate=args.drop_path, **kwargs
     )
     if args.our_dwconv:
         print(f"{name}: {use_our_depthwise_convs(model)} depthwise convs swapped for DepthwiseConv2d")
@@ -264,7 +294,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
-        "--models", nargs="+", default=["cednet_next_tiny", "convnext_tiny"], help="timm model names"
+        "--models",
+        nargs="+",
+        default=["cednet_next_tiny", "convnext_tiny"],
+        help="timm model names, optionally with create_model kwargs: revcol_tiny[save_memory=true]",
     )
     p.add_argument(
         "--baseline", default=None, help="model the ratio is taken against (default: the last one)"

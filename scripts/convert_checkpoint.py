@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a CEDNet or MSG-Transformer checkpoint into a bare state_dict of the cednet-pl layout, verified.
+"""Convert a CEDNet, MSG-Transformer or RevCol checkpoint into a bare state_dict of the cednet-pl layout, verified.
 
 Inputs: a released CEDNet checkpoint or an official MSG-Transformer one (``{'model': state_dict, ...}``; our module names are the
 released names, so no key is renamed), a Lightning ``.ckpt`` of ours (``state_dict`` with the
@@ -11,6 +11,10 @@ Examples::
     python scripts/convert_checkpoint.py cednet_tiny.pth out/cednet_next_tiny.pth --model cednet_next_tiny
     python scripts/convert_checkpoint.py last.ckpt backbone.pth --model cednet_next_tiny --drop-heads
     python scripts/convert_checkpoint.py msg_tiny_official.pth out/msg_tiny.pth --model msg_tiny
+    python scripts/convert_checkpoint.py revcol_tiny_1k.pth out/revcol_tiny.pth --model revcol_tiny --inference-only
+
+RevCol: the official ImageNet checkpoints carry the training-only ``cls_blocks.0-2`` / ``decoder_blocks``; they are
+kept (verified against a model built with ``aux_heads=True``) unless ``--inference-only`` or ``--drop-heads``.
 
 Load the output with ``timm.create_model(VARIANT, pretrained=True, pretrained_cfg_overlay=dict(file=OUT))``.
 """
@@ -30,12 +34,14 @@ from cednet_pl.models.cednet import checkpoint_filter_fn
 from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import aux_head_prefixes
 from cednet_pl.models.msg import msg_checkpoint_filter_fn
+from cednet_pl.models.revcol import REVCOL_AUX_PREFIXES, revcol_checkpoint_filter_fn
 
 HEAD_PREFIXES = ("final_layers.", "norms.", "heads.")
 # model-name prefix -> (checkpoint check, head prefixes dropped by --drop-heads)
 FAMILIES = {
     "cednet_": (checkpoint_filter_fn, HEAD_PREFIXES),
     "msg_": (msg_checkpoint_filter_fn, ("norm.", "head.")),
+    "revcol_": (revcol_checkpoint_filter_fn, ("cls_blocks.", "decoder_blocks.")),
 }
 
 
@@ -52,7 +58,8 @@ def convert(
     Args:
         src: Input checkpoint (released ``.pth``, Lightning ``.ckpt`` of ours or bare state_dict).
         dst: Output path (parent folders are created).
-        model_name: CEDNet variant or MSG-Transformer registered with timm, e.g. ``cednet_next_tiny``, ``msg_tiny``.
+        model_name: CEDNet variant, MSG-Transformer or RevCol registered with timm, e.g. ``cednet_next_tiny``,
+            ``msg_tiny``, ``revcol_tiny``.
         drop_heads: Drop all stage heads (``final_layers``/``norms``/``heads``): backbone-only weights.
         inference_only: Keep only the last stage's head (the training-only heads are dropped).
         allow_pickle: Read ``src`` with ``torch.load(weights_only=False)`` (trusted files only).
@@ -66,11 +73,13 @@ def convert(
     known = [m for prefix in FAMILIES for m in timm.list_models(prefix + "*")]
     if model_name not in known:
         raise ValueError(
-            f"--model {model_name!r} is not a CEDNet variant or MSG-Transformer; expected one of {known}"
+            f"--model {model_name!r} is not a CEDNet variant, MSG-Transformer or RevCol; expected one of {known}"
         )
     filter_fn, head_prefixes = next(v for prefix, v in FAMILIES.items() if model_name.startswith(prefix))
     state_dict = load_checkpoint_file(src, weights_only=not allow_pickle)
-    kwargs = {}
+    kwargs: dict[str, object] = {}
+    if model_name.startswith("revcol_"):  # verify the training-only heads too when the checkpoint has them
+        kwargs["aux_heads"] = any(k.startswith(REVCOL_AUX_PREFIXES) for k in state_dict)
     with torch.device("meta"):
         probe = timm.create_model(model_name)
     classifier = probe.pretrained_cfg["classifier"] + ".weight"
@@ -98,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("src", help="released .pth, Lightning .ckpt of ours, or a bare state_dict")
     parser.add_argument("dst", help="output .pth (bare state_dict)")
     parser.add_argument(
-        "--model", required=True, help="CEDNet variant or MSG-Transformer, e.g. cednet_next_tiny"
+        "--model", required=True, help="CEDNet variant, MSG-Transformer or RevCol, e.g. cednet_next_tiny"
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--drop-heads", action="store_true", help="drop every stage head (backbone only)")

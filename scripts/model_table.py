@@ -37,7 +37,7 @@ CEDNET_MODELS = (
     "cednet_res50",
     "cednet_next_nano",
 )
-# Table A1 baselines available in timm (and MSG-Transformer, ours). The paper names FocalNet-T/S/B without saying whether the small
+# Table A1 baselines available in timm (and MSG-Transformer, RevCol, ours). The paper names FocalNet-T/S/B without saying whether the small
 # (srf) or large (lrf) receptive-field versions; timm has both, so both are listed.
 BASELINE_MODELS = (
     "convnext_tiny",
@@ -49,6 +49,9 @@ BASELINE_MODELS = (
     "msg_tiny",  # MSG-Transformer: not in timm; cednet_pl.models.msg registers it
     "msg_small",
     "msg_base",
+    "revcol_tiny",  # RevCol: not in timm; cednet_pl.models.revcol registers it
+    "revcol_small",
+    "revcol_base",
     "focalnet_tiny_srf",
     "focalnet_small_srf",
     "focalnet_base_srf",
@@ -60,7 +63,7 @@ BASELINE_MODELS = (
 DEFAULT_MODELS = CEDNET_MODELS + BASELINE_MODELS
 
 # Table A1 (params in M, "FLOPs" = GMACs) for the rows the project documents (design/cednet.md, sections 3
-# and 1; design/baselines.md for MSG-Transformer); other paper entries are left blank rather than quoted from memory.
+# and 1; design/baselines.md for MSG-Transformer and RevCol); other paper entries are left blank rather than quoted from memory.
 TABLE_A1: dict[str, tuple[float, float]] = {
     "cednet_next_tiny": (34.0, 5.7),
     "cednet_next_small": (55.0, 9.8),
@@ -71,6 +74,9 @@ TABLE_A1: dict[str, tuple[float, float]] = {
     "msg_tiny": (25.0, 3.8),
     "msg_small": (56.0, 8.4),
     "msg_base": (84.0, 14.2),
+    "revcol_tiny": (30.0, 4.5),
+    "revcol_small": (60.0, 9.0),
+    "revcol_base": (138.0, 16.6),
 }
 
 FOOTNOTES = (
@@ -83,6 +89,8 @@ FOOTNOTES = (
     "blank otherwise. "
     "Table A1 prints 34M/5.7G for the UNet and Hourglass tiny variants too; the released definitions are smaller.",
     "FocalNet-T/S/B: the paper does not say srf or lrf; both timm versions are listed.",
+    "RevCol-T/S/B: the inference model, without the training-only intermediate-supervision heads (cls_blocks.0-2, "
+    "decoder_blocks) that the official ImageNet recipe trains and its checkpoints carry.",
 )
 
 

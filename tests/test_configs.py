@@ -26,7 +26,7 @@ CLS_MODELS = sorted(
 
 def test_expected_experiments_exist() -> None:
     expected = {"cls_t", "cls_s", "cls_b", "cls_t_unet", "cls_t_hourglass", "cls_hrnet_w32", "cls_digits"}
-    expected |= {f"cls_{fam}_{s}" for fam in ("convnext", "swin", "focalnet", "msg") for s in "tsb"}
+    expected |= {f"cls_{fam}_{s}" for fam in ("convnext", "swin", "focalnet", "msg", "revcol") for s in "tsb"}
     assert expected <= set(EXPERIMENTS)
 
 
@@ -91,6 +91,20 @@ def test_msg_drop_path(make_cfg, name: str, drop_path: float) -> None:
     cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
     assert cfg.model.net.name == "msg_" + {"t": "tiny", "s": "small", "b": "base"}[name[-1]]
     assert cfg.model.net.drop_path_rate == drop_path
+
+
+@pytest.mark.parametrize(
+    ("name", "drop_path"), [("cls_revcol_t", 0.1), ("cls_revcol_s", 0.3), ("cls_revcol_b", 0.4)]
+)
+def test_revcol_experiments_train_reversibly_with_aux_loss(make_cfg, name: str, drop_path: float) -> None:
+    cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
+    net = cfg.model.net
+    assert net.name == "revcol_" + {"t": "tiny", "s": "small", "b": "base"}[name[-1]]
+    assert net.drop_path_rate == drop_path and net.save_memory is True and net.aux_heads is True
+    aux = cfg.model.revcol_aux_loss
+    assert (aux.image_weight, aux.class_weight) == (3.0, 0.7)
+    assert list(aux.mean) == list(cfg.data.mean) and list(aux.std) == list(cfg.data.std)
+    assert "reported numbers come from this setting" in (CONF_DIR / "experiment" / f"{name}.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", CLS_MODELS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from cednet_pl.callbacks import DetectionQuality
 from cednet_pl.data.synthetic_det import SyntheticDetDataModule
 from cednet_pl.lit.detection import DetectionModule
 
@@ -93,3 +94,26 @@ def tiny(det_root):
         trainer=make_trainer,
         root=det_root,
     )
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, tiny):
+    """Two validate-only runs (different random detectors) with quality files, COCO metrics and checkpoints."""
+    base = tmp_path_factory.mktemp("compare")
+    runs = []
+    for seed in (0, 1):
+        run = base / f"run{seed}"
+        trainer = tiny.trainer(run, [DetectionQuality()])
+        module = tiny.detector(seed)
+        trainer.validate(module, datamodule=tiny.datamodule(), verbose=False)
+        ckpt = run / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(ckpt)
+        # as cednet-train writes it: the run's configs (plain containers) stored in the checkpoint
+        saved = torch.load(ckpt, weights_only=True)
+        saved["cednet_config"] = {
+            "model": {"_target_": "cednet_pl.lit.detection.DetectionModule"},
+            "data": {"num_digits": [1, 2]},
+        }
+        torch.save(saved, ckpt)
+        runs.append(run)
+    return base, runs

@@ -9,30 +9,6 @@ import torch
 from cednet_pl.analysis.compare import load_detector, main
 from cednet_pl.analysis.quality import read_quality, write_quality
 from cednet_pl.analysis.regions import read_curve
-from cednet_pl.callbacks import DetectionQuality
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny):
-    """Two validate-only runs (different random detectors) with quality files and checkpoints."""
-    base = tmp_path_factory.mktemp("compare")
-    runs = []
-    for seed in (0, 1):
-        run = base / f"run{seed}"
-        trainer = tiny.trainer(run, [DetectionQuality()])
-        module = tiny.detector(seed)
-        trainer.validate(module, datamodule=tiny.datamodule(), verbose=False)
-        ckpt = run / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(ckpt)
-        # as cednet-train writes it: the run's configs (plain containers) stored in the checkpoint
-        saved = torch.load(ckpt, weights_only=True)
-        saved["cednet_config"] = {
-            "model": {"_target_": "cednet_pl.lit.detection.DetectionModule"},
-            "data": {"num_digits": [1, 2]},
-        }
-        torch.save(saved, ckpt)
-        runs.append(run)
-    return base, runs
 
 
 def test_compare_end_to_end(two_runs, capsys):
@@ -59,6 +35,16 @@ def test_compare_end_to_end(two_runs, capsys):
     assert len(list((out / "panels").glob("*.png"))) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_images"] == 3 and [m["name"] for m in summary["models"]] == [*names, "third"]
+    # per side: mean image score on all and on the selected images, region area; the paper's direction
+    sa, sb = qa.scores(), qb.scores()
+    assert summary["a"]["mean_image_score"] == pytest.approx(sum(sa.values()) / len(sa))
+    assert summary["a"]["mean_selected_score"] == pytest.approx(sum(sa[i] for i in sel["image_ids"]) / 3)
+    assert summary["b"]["mean_selected_score"] == pytest.approx(sum(sb[i] for i in sel["image_ids"]) / 3)
+    assert [summary["a"]["region_area"], summary["b"]["region_area"]] == pytest.approx(
+        [c.auc for c in curves]
+    )
+    assert summary["a_regions_smaller"] == (curves[0].auc < curves[1].auc)
+    assert [read_curve(m["curve"]).name for m in summary["models"]] == [*names, "third"]
     # the third model is A's checkpoint again: the same curve
     assert read_curve(out / "regions" / "third.json").area_fraction == pytest.approx(curves[0].area_fraction)
 

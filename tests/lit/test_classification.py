@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cednet_pl.lit.classification import ClassificationModule, build_net
+from cednet_pl.lit.classification import ClassificationModule, build_net, revcol_compound_loss
 from cednet_pl.lit.optim import build_optimizer, build_scheduler, resolve_lr, scale_lr
 
 NANO = {"name": "cednet_next_nano", "num_classes": 10}
@@ -144,3 +144,65 @@ def test_model_summary_flops_are_the_models_count() -> None:
     module.setup("fit")  # no trainer: the model's default input size
     assert tuple(module.example_input_array.shape) == (1, 3, 224, 224)
     assert ModelSummary(module).total_flops == 2 * count_macs(module.net, (1, 3, 224, 224))
+
+
+# ---------------------------------------------------------------------- RevCol intermediate supervision
+REVCOL = {"name": "revcol_tiny", "num_classes": 10, "save_memory": True}
+
+
+def test_revcol_compound_loss_matches_the_official_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(2, 5, generator=gen) for _ in range(4)]
+    images = [torch.randn(2, 3, 8, 8, generator=gen) for _ in range(3)]
+    image, y = torch.rand(2, 3, 8, 8, generator=gen), torch.tensor([1, 3])
+    total, terms = revcol_compound_loss(logits, images, image, y, nn.CrossEntropyLoss())
+    ce, bce = nn.functional.cross_entropy, nn.functional.binary_cross_entropy_with_logits
+    target = image.clamp(0.01, 0.99)
+    expected = [
+        bce(images[i], target) * (1 - i / 3) * 3.0 + ce(logits[i], y) * (i + 1) / 4 * 0.7 for i in range(3)
+    ]
+    expected.append(ce(logits[3], y))
+    torch.testing.assert_close(torch.stack(terms), torch.stack(expected))
+    torch.testing.assert_close(total, sum(expected))
+    with pytest.raises(ValueError, match="4 logits need 3 images"):
+        revcol_compound_loss(logits, images[:2], image, y, nn.CrossEntropyLoss())
+
+
+def test_revcol_aux_loss_trains_and_logs_every_classifier() -> None:
+    torch.manual_seed(0)
+    module = ClassificationModule(net=REVCOL, revcol_aux_loss={"image_weight": 3.0}, label_smoothing=0.0)
+    assert module.hparams["net"]["aux_heads"] is True and module.net.aux_heads
+    assert {f"acc1_stage{i}" for i in range(4)} <= set(module.train_metrics)
+    x, y = _batch(4, 32)
+    opt = torch.optim.AdamW(module.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(5):
+        loss = module.training_step((x, y), 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] * 0.9, losses
+    # the reconstruction target is the input de-normalised with the ImageNet statistics (the defaults)
+    assert module._img_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert module._img_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_revcol_aux_loss_composes_with_mixup_and_validates() -> None:
+    module = ClassificationModule(
+        net=REVCOL, revcol_aux_loss=True, mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0}
+    )
+    x, y = _batch(4, 32)
+    assert torch.isfinite(module.training_step((x, y), 0))
+    module.eval()
+    logits = module.stage_logits(x)
+    assert len(logits) == 4
+    torch.testing.assert_close(logits[-1], module.net(x))
+
+
+def test_revcol_aux_loss_needs_a_revcol_net() -> None:
+    with pytest.raises(ValueError, match="revcol_aux_loss needs a RevCol net with aux_heads=True"):
+        ClassificationModule(net=NANO, revcol_aux_loss=True)
+    with pytest.raises(ValueError, match="unknown keys"):
+        ClassificationModule(net=REVCOL, revcol_aux_loss={"fcoe": 3.0})

@@ -194,7 +194,7 @@ def test_converter_errors(
     assert converter.main([str(nano_file), str(out), "--model", "cednet_next_tiny"]) == 1
     assert "does not match cednet_next_tiny" in capsys.readouterr().err
     assert converter.main([str(nano_file), str(out), "--model", "resnet50"]) == 1
-    assert "not a CEDNet variant" in capsys.readouterr().err
+    assert "not a CEDNet variant, MSG-Transformer or RevCol" in capsys.readouterr().err
     assert converter.main([str(tmp_path / "missing.pth"), str(out), "--model", NANO]) == 1
     assert "missing.pth" in capsys.readouterr().err
     assert not out.exists()

@@ -77,6 +77,8 @@ def test_paper_columns_and_unknown_model(model_table: ModuleType) -> None:
     )
     assert _table_rows(text)[2] == ["cednet_next_tiny", "33.8", "5.69", "34", "5.7"]
     assert model_table.TABLE_A1["convnext_tiny"] == (29.0, 4.5)
+    assert model_table.TABLE_A1["revcol_base"] == (138.0, 16.6)
+    assert {"revcol_tiny", "revcol_small", "revcol_base"} <= set(model_table.DEFAULT_MODELS)
     assert set(model_table.TABLE_A1) <= set(model_table.DEFAULT_MODELS)
     assert all(timm.is_model(name) for name in model_table.DEFAULT_MODELS)
     with pytest.raises(ValueError, match="unknown model 'not_a_model'"):

@@ -9,7 +9,8 @@ quality file (written by the DetectionQuality callback, ``callbacks=analysis``) 
    (:func:`cednet_pl.analysis.detector.gradient_pass`) and write ``OUT/regions/<name>.json``;
 3. draw all area-vs-threshold curves in ``OUT/area_curves.png`` (Figure A2) and side-by-side panels of the first
    ``--panels`` images in ``OUT/panels/`` (Figure A1: B left, A right);
-4. write ``OUT/summary.json`` (files, checkpoints, region areas, timings).
+4. write ``OUT/summary.json`` (files, checkpoints, timings; per side the mean image score on all images and on the
+   selected ones and the area under its region curve; whether A's regions are smaller, the paper's direction).
 
 A and B are run directories (``<run>/analysis/quality_val.json`` + ``<run>/checkpoints/last.ckpt``, or the
 ``ckpt`` of an evaluation run's ``metrics.json``), quality files (checkpoint from ``--ckpt-a``/``--ckpt-b`` or
@@ -52,9 +53,19 @@ from cednet_pl.analysis.selection import (
     write_selection,
 )
 
-__all__ = ["RunInput", "build_parser", "load_detector", "main", "resolve_run", "run_compare"]
+__all__ = [
+    "SUMMARY_FORMAT",
+    "RunInput",
+    "build_parser",
+    "load_detector",
+    "main",
+    "resolve_run",
+    "run_compare",
+]
 
 QUALITY_NAME = "quality_val.json"
+#: ``format`` of ``summary.json`` (read by scripts/appendix_b.py)
+SUMMARY_FORMAT = "cednet-compare-summary/1"
 
 
 @dataclass
@@ -162,6 +173,12 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
     return module.to(device).eval()
 
 
+def _finite_mean(values: Sequence[float]) -> float | None:
+    """Mean of the finite values (images without a score stay out), ``None`` when there are none."""
+    kept = [v for v in values if math.isfinite(v)]
+    return finite_or_none(math.fsum(kept) / len(kept)) if kept else None
+
+
 def _unique_names(names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for n in names:
@@ -264,7 +281,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             meta={"ckpt": str(ckpt), "seconds": result.seconds, "device": str(device)},
         )
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        write_curve(curve, out / "regions" / f"{slug}.json")
+        curve_path = write_curve(curve, out / "regions" / f"{slug}.json")
         curves.append(curve)
         maps[name] = result.maps
         rate = len(ids) / max(result.seconds, 1e-9)
@@ -272,7 +289,13 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             f"{name}: region area {curve.auc:.4f} on {len(ids)} images ({result.seconds:.1f} s, {rate:.2f} img/s)"
         )
         summary_models.append(
-            {"name": name, "ckpt": str(ckpt), "region_area": curve.auc, "seconds": result.seconds}
+            {
+                "name": name,
+                "ckpt": str(ckpt),
+                "region_area": curve.auc,
+                "curve": str(curve_path),
+                "seconds": result.seconds,
+            }
         )
         del module
 
@@ -297,17 +320,25 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     gains = [s.gain for s in selected if not math.isnan(s.gain)]
+    area_a, area_b = summary_models[0]["region_area"], summary_models[1]["region_area"]
     summary = {
+        "format": SUMMARY_FORMAT,
         "a": {
             "name": names[0],
             "quality_file": a.quality.name,
             "mean_image_score": finite_or_none(a.quality.mean_score()),
+            "mean_selected_score": _finite_mean([s.score_a for s in selected]),
+            "region_area": area_a,
         },
         "b": {
             "name": names[1],
             "quality_file": b.quality.name,
             "mean_image_score": finite_or_none(b.quality.mean_score()),
+            "mean_selected_score": _finite_mean([s.score_b for s in selected]),
+            "region_area": area_b,
         },
+        # the paper's direction (appendix B): the better detector's important regions are smaller
+        "a_regions_smaller": bool(area_a < area_b),
         "selection": str(selection_path),
         "num_images": len(ids),
         "mean_gain": finite_or_none(math.fsum(gains) / len(gains)) if gains else None,

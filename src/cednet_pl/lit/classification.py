@@ -2,7 +2,8 @@
 
 The network comes from `timm.create_model(name, **kwargs)`, so the module's hyperparameters (a plain config) fully
 describe a checkpoint. CEDNet models expose `forward_stage_logits` (one logits tensor per cascade stage); the loss
-is the (weighted) mean of the per-stage losses. Other timm models train through their plain `forward`.
+is the (weighted) mean of the per-stage losses. RevCol can learn its official intermediate supervision
+(`revcol_aux_loss`, `revcol_compound_loss`). Other timm models train through their plain `forward`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import lightning as L
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -47,6 +48,75 @@ def build_net(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def revcol_compound_loss(
+    logits: Sequence[torch.Tensor],
+    images: Sequence[torch.Tensor],
+    image: torch.Tensor,
+    target: torch.Tensor,
+    criterion: nn.Module,
+    image_weight: float = 3.0,
+    class_weight: float = 0.7,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """RevCol's intermediate-supervision loss (official ``loss.py``).
+
+    ``sum_i [BCEWithLogits(images[i], image) * (1 - i/n) * image_weight + criterion(logits[i], target) * ((i+1)/m)
+    * class_weight] + criterion(logits[-1], target)`` over the ``n`` decoders, with ``m = len(logits)``.
+
+    Args:
+        logits: The classifiers' logits after columns N/4, N/2, 3N/4, N (the last is the inference head).
+        images: The decoders' image logits (one fewer than ``logits``).
+        image: The reconstruction target in [0, 1]: the (mixed) input de-normalised; clamped to [0.01, 0.99] here.
+        target: Class indices or (mixup) soft targets, whatever ``criterion`` takes.
+        criterion: The classification loss.
+        image_weight: Reconstruction coefficient (official 3.0).
+        class_weight: Intermediate classification coefficient (official 0.7).
+
+    Returns:
+        The total and its terms (one per decoder, then the last classifier's).
+    """
+    if len(images) != len(logits) - 1:
+        raise ValueError(
+            f"revcol_compound_loss: {len(logits)} logits need {len(logits) - 1} images, got {len(images)}"
+        )
+    image = image.clamp(0.01, 0.99)
+    terms = []
+    for i, pred in enumerate(images):
+        rec = nn.functional.binary_cross_entropy_with_logits(pred.float(), image.float())
+        cls = criterion(logits[i], target)
+        terms.append(
+            rec * (1 - i / len(images)) * image_weight + cls * ((i + 1) / len(logits)) * class_weight
+        )
+    terms.append(criterion(logits[-1], target))
+    return torch.stack(terms).sum(), terms
+
+
+_REVCOL_AUX_DEFAULTS = {
+    "image_weight": 3.0,
+    "class_weight": 0.7,
+    "mean": list(IMAGENET_DEFAULT_MEAN),
+    "std": list(IMAGENET_DEFAULT_STD),
+}
+
+
+def _revcol_aux_config(value: bool | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The `revcol_aux_loss` option as a full plain dict (None: off)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(_REVCOL_AUX_DEFAULTS)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"revcol_aux_loss must be true/false/null or a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(_REVCOL_AUX_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"revcol_aux_loss: unknown keys {unknown}; expected some of {sorted(_REVCOL_AUX_DEFAULTS)}"
+        )
+    cfg = {**_REVCOL_AUX_DEFAULTS, **value}
+    if len(cfg["mean"]) != len(cfg["std"]):
+        raise ValueError(f"revcol_aux_loss: mean {cfg['mean']} and std {cfg['std']} differ in length")
+    return {k: (list(v) if isinstance(v, list | tuple) else float(v)) for k, v in cfg.items()}
+
+
 class ClassificationModule(L.LightningModule):
     """Image classification: deep supervision, mixup/cutmix, label smoothing, layer decay, EMA, top-1/5 metrics.
 
@@ -66,6 +136,10 @@ class ClassificationModule(L.LightningModule):
         ema: `decay` plus optional `ModelEmaV3` kwargs (use_warmup, update_after_step, ...), or None for off.
             The EMA copy is evaluated next to the raw weights (val/acc1_ema, val/acc5_ema).
         channels_last: Use the channels-last memory format (faster convolutions on GPUs with tensor cores).
+        revcol_aux_loss: RevCol's intermediate supervision (the official recipe): `true` or a mapping with
+            `image_weight` (3.0), `class_weight` (0.7) and the data normalisation `mean`/`std` (ImageNet's), used to
+            de-normalise the input into the reconstruction target; `null`/`false` is off. Builds the net with
+            `aux_heads=True` and logs every classifier's top-1 (`acc1_stage0-3`).
     """
 
     #: metric that checkpointing/early stopping watch unless the config says otherwise
@@ -84,9 +158,13 @@ class ClassificationModule(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         ema: Mapping[str, Any] | None = None,
         channels_last: bool = False,
+        revcol_aux_loss: bool | Mapping[str, Any] | None = None,
     ):
         super().__init__()
         net = dict(plain(net))
+        revcol_aux = _revcol_aux_config(plain(revcol_aux_loss))
+        if revcol_aux is not None and str(net.get("name", "")).startswith("revcol_"):
+            net.setdefault("aux_heads", True)
         stage_weights = plain(stage_weights)
         mixup = plain(mixup)
         optimizer = plain(optimizer)
@@ -103,6 +181,7 @@ class ClassificationModule(L.LightningModule):
                 "scheduler": scheduler,
                 "ema": ema,
                 "channels_last": channels_last,
+                "revcol_aux_loss": revcol_aux,
             },
             logger=False,
         )
@@ -114,6 +193,23 @@ class ClassificationModule(L.LightningModule):
         has_stages = callable(getattr(self.net, "forward_stage_logits", None))
         self.deep_supervision = bool(deep_supervision and has_stages)
         self.num_stages = int(getattr(self.net, "num_stages", 1)) if has_stages else 1
+        self.revcol_aux = revcol_aux
+        if revcol_aux is not None:
+            if not getattr(self.net, "aux_heads", False) or not callable(
+                getattr(self.net, "forward_aux", None)
+            ):
+                raise ValueError(
+                    f"revcol_aux_loss needs a RevCol net with aux_heads=True; {self.hparams['net']['name']} "
+                    f"(aux_heads={net.get('aux_heads')}) has no intermediate-supervision heads"
+                )
+            self.deep_supervision = False
+            self.num_stages = 4
+            self.register_buffer(
+                "_img_mean", torch.tensor(revcol_aux["mean"]).view(1, -1, 1, 1), persistent=False
+            )
+            self.register_buffer(
+                "_img_std", torch.tensor(revcol_aux["std"]).view(1, -1, 1, 1), persistent=False
+            )
         self.stage_weights = self._check_stage_weights(stage_weights)
 
         self.mixup_fn = (
@@ -187,6 +283,8 @@ class ClassificationModule(L.LightningModule):
 
     def stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every supervised stage (just the last head when not deep-supervised)."""
+        if self.revcol_aux is not None:
+            return list(self.net.forward_aux(x, with_images=False)[0])
         if self.deep_supervision:
             return list(self.net.forward_stage_logits(x))
         return [self.net(x)]
@@ -209,10 +307,23 @@ class ClassificationModule(L.LightningModule):
                 target = mixup_target(y, self.num_classes, lam=1.0, smoothing=self.label_smoothing)
         else:
             target = y
-        logits = self.stage_logits(x)
-        losses = [self.train_criterion(out, target) for out in logits]
-        weights = self.stage_weights if len(logits) == len(self.stage_weights) else [1.0] * len(logits)
-        loss = sum(w * stage_loss for w, stage_loss in zip(weights, losses, strict=True)) / sum(weights)
+        if self.revcol_aux is not None:
+            logits, images = self.net.forward_aux(x)
+            image = x.float() * self._img_std + self._img_mean  # the (mixed) input, de-normalised (official)
+            loss, losses = revcol_compound_loss(
+                logits,
+                images,
+                image,
+                target,
+                self.train_criterion,
+                self.revcol_aux["image_weight"],
+                self.revcol_aux["class_weight"],
+            )
+        else:
+            logits = self.stage_logits(x)
+            losses = [self.train_criterion(out, target) for out in logits]
+            weights = self.stage_weights if len(logits) == len(self.stage_weights) else [1.0] * len(logits)
+            loss = sum(w * stage_loss for w, stage_loss in zip(weights, losses, strict=True)) / sum(weights)
 
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         if len(losses) > 1:

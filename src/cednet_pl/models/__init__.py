@@ -9,6 +9,7 @@ from cednet_pl.models.cednet import CEDNet, checkpoint_filter_fn
 from cednet_pl.models.checkpoint import load_checkpoint_file
 from cednet_pl.models.complexity import count_macs, count_params
 from cednet_pl.models.msg import MSGTransformer, msg_checkpoint_filter_fn
+from cednet_pl.models.revcol import RevCol, revcol_checkpoint_filter_fn
 
 __all__ = [
     "FAMILIES",
@@ -16,6 +17,7 @@ __all__ = [
     "CEDNet",
     "LayerNorm2d",
     "MSGTransformer",
+    "RevCol",
     "checkpoint_filter_fn",
     "count_macs",
     "count_params",
@@ -23,4 +25,5 @@ __all__ = [
     "load_checkpoint_file",
     "msg_checkpoint_filter_fn",
     "register_family",
+    "revcol_checkpoint_filter_fn",
 ]

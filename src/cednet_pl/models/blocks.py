@@ -155,7 +155,7 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # cuDNN's 1x1 conv is as fast or faster (H100, bf16)
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, self.bias)
         y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
         return y.permute(0, 3, 1, 2)
 
@@ -181,7 +181,7 @@ class PatchConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # cuDNN's strided conv is faster off CPU
         if x.device.type != "cpu":
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, self.bias)
         k = self.kernel_size[0]
         b, c, h, w = x.shape
         ho, wo = h // k, w // k
@@ -259,6 +259,8 @@ def depthwise_conv2d(
     When the weight is trained on CPU (grad enabled, no autocast) its gradient comes from a faster formulation
     (:class:`_DepthwiseConv2dCPU`); otherwise this is plain ``F.conv2d``. Same values and gradients.
     """
+    if torch.jit.is_scripting():
+        return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
     if (
         x.device.type == "cpu"
         and weight.requires_grad
@@ -338,23 +340,21 @@ def _layer_scale(dim: int, ls_init_value: float | None) -> nn.Parameter | None:
 
 
 class _NHWCMlp(nn.Module):
-    """Shared tail of the NeXt blocks: (NCHW -> NHWC) pwconv1 -> act -> pwconv2 -> gamma (-> NCHW).
+    """Shared tail of the NeXt blocks: (NHWC) pwconv1 -> act -> pwconv2 -> gamma (-> NCHW).
 
     Subclasses own ``pwconv1``, ``act``, ``pwconv2`` and ``gamma`` so the names stay flat.
     """
 
-    pwconv1: nn.Linear
-    act: nn.Module
-    pwconv2: nn.Linear
-    gamma: nn.Parameter | None
+    # NOTE: no class-level annotations of these attributes: TorchScript cannot parse ``nn.Parameter | None``
 
-    def _mlp(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        if norm is not None:
-            x = norm(x)
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` is NHWC; returns NCHW."""
         x = self.act(self.pwconv1(x))
         if self.gamma is None:
             x = self.pwconv2(x)
+        # NOTE: is_scripting alone in its condition, so TorchScript skips compiling _fp16_compute
+        elif torch.jit.is_scripting():  # noqa: SIM114
+            x = self.pwconv2(x) * self.gamma
         elif _fp16_compute(x):
             x = self.pwconv2(x) * self.gamma
         else:
@@ -366,9 +366,11 @@ class _NHWCMlp(nn.Module):
 
 def _fp16_compute(x: torch.Tensor) -> bool:
     """Whether a Linear on ``x`` computes in float16, where a folded ``gamma * W`` (gamma starts at 1e-6) would
-    underflow."""
+    underflow. Under FX tracing (no device known) the folded form is traced."""
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device) == torch.float16
     return x.dtype == torch.float16
 
@@ -381,13 +383,19 @@ class NeXtBlock(_NHWCMlp):
         drop_path: Stochastic-depth rate.
         ls_init_value: Layer-scale init (``None``/0: no layer scale).
         mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
+        kernel_size: Depthwise kernel size (7; RevCol uses 3).
     """
 
     def __init__(
-        self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6, mlp_ratio: int = 4
+        self,
+        dim: int,
+        drop_path: float = 0.0,
+        ls_init_value: float | None = 1e-6,
+        mlp_ratio: int = 4,
+        kernel_size: int = 7,
     ) -> None:
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size=7)
+        self.dwconv = DepthwiseConv2d(dim, kernel_size=kernel_size)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
         self.act = nn.GELU()
@@ -396,7 +404,7 @@ class NeXtBlock(_NHWCMlp):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self._mlp(self.dwconv(x), self.norm))
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
 
 
 class FocalNeXtBlock(_NHWCMlp):
@@ -439,7 +447,7 @@ class FocalNeXtBlock(_NHWCMlp):
         y = x + self.dwconv1(x)
         conv, norm, act = self.dwconv2
         y = y + act(norm(dilated_dwconv2d(y, conv)))
-        return x + self.drop_path(self._mlp(y))
+        return x + self.drop_path(self._mlp(y.permute(0, 2, 3, 1)))
 
 
 def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:

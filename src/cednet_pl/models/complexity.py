@@ -21,7 +21,11 @@ _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 
 
 def aux_head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Name prefixes of the training-only heads (every cascade stage but the last) of a CEDNet."""
+    """Name prefixes of the training-only heads: every cascade stage but the last of a CEDNet, or a model's own
+    ``training_only_prefixes`` (RevCol's intermediate supervision)."""
+    own = getattr(model, "training_only_prefixes", None)
+    if own is not None:
+        return tuple(own)
     num_stages = getattr(model, "num_stages", None)
     if num_stages is None:
         return ()
