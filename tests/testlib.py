@@ -108,3 +108,33 @@ def annotations_by_image(ann_file):
     for ann in data["annotations"]:
         per_image[ann["image_id"]].append(ann)
     return sorted(c["id"] for c in data["categories"]), per_image
+
+
+def perturbed_predictions(ann_file, seed, predict, false_positive):
+    """Predictions from a COCO file's ground truth: per object (10% missed) ``predict(ann, rng)``, 15% with a
+    wrong label, random scores; 0-2 ``false_positive(rng)`` per image with lower scores.
+
+    Returns:
+        ``(cat_ids, image_ids, [(predictions, scores, contiguous labels) per image])``.
+    """
+    import random
+
+    rng = random.Random(seed)
+    cat_ids, per_image = annotations_by_image(ann_file)
+    image_ids, out = [], []
+    for image_id, anns in per_image.items():
+        preds, scores, labels = [], [], []
+        for ann in anns:
+            if rng.random() < 0.1:
+                continue
+            preds.append(predict(ann, rng))
+            wrong = rng.random() < 0.15
+            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
+            scores.append(rng.random())
+        for _ in range(rng.randrange(3)):
+            preds.append(false_positive(rng))
+            labels.append(rng.randrange(10))
+            scores.append(rng.random() * 0.5)
+        image_ids.append(image_id)
+        out.append((preds, scores, labels))
+    return cat_ids, image_ids, out

@@ -1,7 +1,6 @@
 """DetectionModule: COCO evaluation parity with pycocotools, layer decay, fast_dev_run, cednet-eval, wrong tasks."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -20,41 +19,33 @@ from testlib import (
     FAST_OVERRIDES,
     TINY_DET_DATA,
     CrashAtEpoch,
-    annotations_by_image,
     compose_config,
+    perturbed_predictions,
     with_extra_callback,
 )
 
 
 def perturbed_results(ann_file, seed=0):
     """Detections from the ground truth: jittered boxes, some wrong classes, misses and false positives."""
-    rng = random.Random(seed)
-    cat_ids, per_image = annotations_by_image(ann_file)
-    image_ids, detections = [], []
-    for image_id, anns in per_image.items():
-        boxes, scores, labels = [], [], []
-        for ann in anns:
-            if rng.random() < 0.1:
-                continue
-            x, y, w, h = ann["bbox"]
-            j = [rng.gauss(0, 0.08) * s for s in (w, h, w, h)]
-            boxes.append([x + j[0], y + j[1], x + w + j[2], y + h + j[3]])
-            wrong = rng.random() < 0.15
-            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
-            scores.append(rng.random())
-        for _ in range(rng.randrange(3)):
-            x, y = rng.uniform(0, 100), rng.uniform(0, 100)
-            boxes.append([x, y, x + rng.uniform(5, 28), y + rng.uniform(5, 28)])
-            labels.append(rng.randrange(10))
-            scores.append(rng.random() * 0.5)
-        image_ids.append(image_id)
-        detections.append(
-            {
-                "boxes": torch.tensor(boxes).reshape(-1, 4),
-                "scores": torch.tensor(scores),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-            }
-        )
+
+    def jitter(ann, rng):
+        x, y, w, h = ann["bbox"]
+        j = [rng.gauss(0, 0.08) * s for s in (w, h, w, h)]
+        return [x + j[0], y + j[1], x + w + j[2], y + h + j[3]]
+
+    def false_positive(rng):
+        x, y = rng.uniform(0, 100), rng.uniform(0, 100)
+        return [x, y, x + rng.uniform(5, 28), y + rng.uniform(5, 28)]
+
+    cat_ids, image_ids, per_image = perturbed_predictions(ann_file, seed, jitter, false_positive)
+    detections = [
+        {
+            "boxes": torch.tensor(boxes).reshape(-1, 4),
+            "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        for boxes, scores, labels in per_image
+    ]
     return detections_to_coco_results(image_ids, detections, cat_ids)
 
 

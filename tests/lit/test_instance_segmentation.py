@@ -1,7 +1,6 @@
 """InstanceSegmentationModule (Mask R-CNN): mask results + COCO segm parity, fast_dev_run, cednet-eval, wrong tasks."""
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,41 +18,32 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.instance_segmentation import InstanceSegmentationModule
-from testlib import TINY_DET_DATA, annotations_by_image
+from testlib import TINY_DET_DATA, perturbed_predictions
 
 
 def perturbed_mask_results(ann_file, seed=0):
     """Mask detections from the ground truth: shifted/eroded masks, wrong classes, misses, false positives."""
-    rng = random.Random(seed)
-    cat_ids, per_image = annotations_by_image(ann_file)
-    image_ids, detections = [], []
-    for image_id, anns in per_image.items():
-        masks, scores, labels = [], [], []
-        for ann in anns:
-            if rng.random() < 0.1:
-                continue
-            m = torch.from_numpy(mask_utils.decode(ann["segmentation"])).float()
-            m = torch.roll(m, shifts=(rng.randrange(-1, 2), rng.randrange(-1, 2)), dims=(0, 1))
-            masks.append(m * rng.uniform(0.55, 1.0))
-            wrong = rng.random() < 0.15
-            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
-            scores.append(rng.random())
-        for _ in range(rng.randrange(3)):
-            m = torch.zeros(128, 128)
-            x, y = rng.randrange(100), rng.randrange(100)
-            m[y : y + rng.randrange(5, 25), x : x + rng.randrange(5, 25)] = 0.9
-            masks.append(m)
-            labels.append(rng.randrange(10))
-            scores.append(rng.random() * 0.5)
-        image_ids.append(image_id)
-        stacked = torch.stack(masks)[:, None] if masks else torch.zeros(0, 1, 128, 128)
-        detections.append(
-            {
-                "rles": encode_masks(stacked),
-                "scores": torch.tensor(scores),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-            }
-        )
+
+    def shifted(ann, rng):
+        m = torch.from_numpy(mask_utils.decode(ann["segmentation"])).float()
+        m = torch.roll(m, shifts=(rng.randrange(-1, 2), rng.randrange(-1, 2)), dims=(0, 1))
+        return m * rng.uniform(0.55, 1.0)
+
+    def false_positive(rng):
+        m = torch.zeros(128, 128)
+        x, y = rng.randrange(100), rng.randrange(100)
+        m[y : y + rng.randrange(5, 25), x : x + rng.randrange(5, 25)] = 0.9
+        return m
+
+    cat_ids, image_ids, per_image = perturbed_predictions(ann_file, seed, shifted, false_positive)
+    detections = [
+        {
+            "rles": encode_masks(torch.stack(masks)[:, None] if masks else torch.zeros(0, 1, 128, 128)),
+            "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        for masks, scores, labels in per_image
+    ]
     return masks_to_coco_results(image_ids, detections, cat_ids)
 
 
