@@ -13,7 +13,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e ".[dev,slurm,fast,loggers]"
+	$(BIN)/pip install -e ".[dev,slurm,fast,loggers,export]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package with dev/slurm extras

@@ -10,6 +10,7 @@ Examples::
 
     python scripts/convert_checkpoint.py cednet_tiny.pth out/cednet_next_tiny.pth --model cednet_next_tiny
     python scripts/convert_checkpoint.py last.ckpt backbone.pth --model cednet_next_tiny --drop-heads
+    python scripts/convert_checkpoint.py last.ckpt ema.pth --model cednet_next_nano --ema   # the EMA weights
     python scripts/convert_checkpoint.py msg_tiny_official.pth out/msg_tiny.pth --model msg_tiny
     python scripts/convert_checkpoint.py revcol_tiny_1k.pth out/revcol_tiny.pth --model revcol_tiny --inference-only
 
@@ -52,6 +53,7 @@ def convert(
     drop_heads: bool = False,
     inference_only: bool = False,
     allow_pickle: bool = False,
+    ema: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read ``src``, verify it against ``model_name``, write the bare state_dict to ``dst`` and return it.
 
@@ -63,6 +65,7 @@ def convert(
         drop_heads: Drop all stage heads (``final_layers``/``norms``/``heads``): backbone-only weights.
         inference_only: Keep only the last stage's head (the training-only heads are dropped).
         allow_pickle: Read ``src`` with ``torch.load(weights_only=False)`` (trusted files only).
+        ema: From a Lightning ``.ckpt``, take the EMA weights (``ema.module.*``) instead of the raw ones.
 
     Raises:
         ValueError: unknown ``model_name`` or conflicting options.
@@ -76,7 +79,7 @@ def convert(
             f"--model {model_name!r} is not a CEDNet variant, MSG-Transformer or RevCol; expected one of {known}"
         )
     filter_fn, head_prefixes = next(v for prefix, v in FAMILIES.items() if model_name.startswith(prefix))
-    state_dict = load_checkpoint_file(src, weights_only=not allow_pickle)
+    state_dict = load_checkpoint_file(src, weights_only=not allow_pickle, ema=ema)
     kwargs: dict[str, object] = {}
     if model_name.startswith("revcol_"):  # verify the training-only heads too when the checkpoint has them
         kwargs["aux_heads"] = any(k.startswith(REVCOL_AUX_PREFIXES) for k in state_dict)
@@ -85,6 +88,9 @@ def convert(
     classifier = probe.pretrained_cfg["classifier"] + ".weight"
     if classifier in state_dict:
         kwargs["num_classes"] = state_dict[classifier].shape[0]
+    if any(k.startswith(aux_head_prefixes(probe)) for k in state_dict):
+        # keep the training-only heads the checkpoint carries (dropped below with --inference-only)
+        kwargs["aux_heads"] = True
     with torch.device("meta"):
         model = timm.create_model(model_name, **kwargs)
     state_dict = filter_fn(state_dict, model)
@@ -113,11 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--drop-heads", action="store_true", help="drop every stage head (backbone only)")
     group.add_argument("--inference-only", action="store_true", help="keep only the last stage's head")
     parser.add_argument(
+        "--ema", action="store_true", help="take the EMA weights of a Lightning .ckpt (ema.module.*)"
+    )
+    parser.add_argument(
         "--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files only)"
     )
     args = parser.parse_args(argv)
     try:
-        sd = convert(args.src, args.dst, args.model, args.drop_heads, args.inference_only, args.allow_pickle)
+        sd = convert(
+            args.src, args.dst, args.model, args.drop_heads, args.inference_only, args.allow_pickle, args.ema
+        )
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,10 @@ Examples::
     python scripts/model_table.py                          # all models (takes a few minutes on CPU)
     python scripts/model_table.py --models cednet_next_tiny convnext_tiny
     python scripts/model_table.py --markdown-out results/model_table.md
+    python scripts/model_table.py --models cednet_next_tiny --seg-models cednet_t_cedhead   # one of each
+
+The segmentation section (ADE20K heads, 150 classes, 512x512, ``--seg-models``) is printed by default when
+``--models`` is not given.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants with timm)
 from cednet_pl.models.complexity import count_macs, count_params
+from cednet_pl.models.segmentation import ADE20K_MODELS as SEG_MODELS
 
 CEDNET_MODELS = (
     "cednet_next_tiny",
@@ -94,6 +99,13 @@ FOOTNOTES = (
 )
 
 
+SEG_IMG_SIZE = 512
+SEG_FOOTNOTE = (
+    "Segmentation: 150 classes (ADE20K), one {size}x{size} image, inference path (backbone + decode head; the "
+    "auxiliary FCN head is training-only and not counted), GFLOPs = 10^9 multiply-accumulates as above."
+)
+
+
 @dataclass(frozen=True)
 class Row:
     """One table row; ``params`` and ``macs`` are exact counts."""
@@ -120,6 +132,30 @@ def measure(name: str, img_size: int = 224) -> Row:
     macs = count_macs(model, (1, 3, img_size, img_size))
     paper = TABLE_A1.get(name, (None, None))
     return Row(name, params, macs, paper[0], paper[1])
+
+
+def measure_segmentation(name: str, img_size: int = SEG_IMG_SIZE) -> Row:
+    """Build the segmentation model ``name`` of ``SEG_MODELS`` (no auxiliary head, eval) and count it."""
+    from cednet_pl.models.segmentation import build_segmentor
+
+    if name not in SEG_MODELS:
+        raise ValueError(f"unknown segmentation model {name!r}; expected one of {sorted(SEG_MODELS)}")
+    spec = SEG_MODELS[name]
+    model = build_segmentor(dict(spec["backbone"]), 150, dict(spec["head"]), aux_head=None).eval()
+    return Row(name, count_params(model), count_macs(model, (1, 3, img_size, img_size)))
+
+
+def format_segmentation(rows: Iterable[Row], img_size: int = SEG_IMG_SIZE) -> str:
+    """The segmentation section: a Markdown table and its footnote."""
+    lines = [
+        f"Segmentation (ADE20K heads) at {img_size}x{img_size}:",
+        "",
+        f"| model | params (M) | GFLOPs @{img_size} |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {r.model} | {r.params / 1e6:.1f} | {r.macs / 1e9:.1f} |" for r in rows]
+    lines += ["", SEG_FOOTNOTE.format(size=img_size)]
+    return "\n".join(lines) + "\n"
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -160,6 +196,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         "--models", nargs="+", default=list(DEFAULT_MODELS), help="timm model names (default: all)"
     )
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument(
+        "--seg-models",
+        nargs="*",
+        default=None,
+        choices=sorted(SEG_MODELS),
+        help="segmentation models at 512x512 (default: all when --models is not given, else none)",
+    )
     p.add_argument("--markdown-out", type=Path, default=None, help="also write the table to this file")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true", help="no per-model progress on stderr")
@@ -170,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     if unknown:
         p.error(f"unknown model(s) {unknown}: not registered with timm")
     text = format_markdown(build_table(args.models, args.img_size, verbose=not args.quiet), args.img_size)
+    seg = args.seg_models
+    if seg is None:
+        seg = list(SEG_MODELS) if args.models == list(DEFAULT_MODELS) else []
+    if seg:
+        text += "\n" + format_segmentation([measure_segmentation(m) for m in seg])
     print(text, end="")
     if args.markdown_out is not None:
         args.markdown_out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from testlib import FAST_OVERRIDES, compose_config
+from testlib import FAST_OVERRIDES, TINY_TRAIN, compose_config
 
 
 @pytest.fixture
@@ -42,3 +42,18 @@ def cfg_train(make_cfg: Callable[..., DictConfig]) -> DictConfig:
             "data.image_size=32",
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of one tiny digits training run (`TINY_TRAIN`), shared by the train/eval, predict and export
+    tests."""
+    from cednet_pl.train import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = compose_config(
+        "train", ["trainer=cpu", "logger=none", "extras.print_config=false", *TINY_TRAIN], tmp
+    )
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from slurm_helpers import job_env
 
+from testlib import TINY_DET, TINY_SEG_DATA
+
 #: Same tiny digits run as the Slurm tests (tests/slurm/slurm_helpers.py): odd validation set of 351 images.
 TINY_TRAIN = [
     "data.image_size=32",
@@ -65,22 +67,6 @@ def test_local_ddp_two_processes_lightning_launcher(tmp_path: Path) -> None:
     assert abs(acc * 351 - round(acc * 351)) < 1e-3  # correct / 351: each validation image counted once
 
 
-#: det_demo (2 gloo processes by default) on a tiny synthetic set of its own 256 px canvases: 5 validation
-#: images, an odd count. (Smaller canvases make P7 1x1, which GroupNorm(32) over 32 channels cannot normalise.)
-TINY_DET = [
-    "+experiment=det_demo",
-    "data.num_train=4",
-    "data.num_val=5",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
-    "trainer.max_epochs=1",
-    "trainer.check_val_every_n_epoch=1",
-    "+trainer.enable_progress_bar=false",
-    "callbacks.progress_bar=null",
-    "extras.print_config=false",
-]
-
-
 def test_det_demo_ddp_gathers_every_image_once_and_eval_agrees(tmp_path: Path) -> None:
     """det_demo's default 2-process run: the COCO results of both ranks are gathered (each val image once) and
     `cednet-eval` of its checkpoint in one process gives the same 12 numbers, and the same val losses (means over
@@ -109,3 +95,45 @@ def test_det_demo_ddp_gathers_every_image_once_and_eval_agrees(tmp_path: Path) -
     for key in ("val/loss", "val/loss_classification", "val/loss_bbox_regression"):
         assert ranks[0][key] == pytest.approx(single[key], rel=1e-5), key
         assert ranks[1][key] == pytest.approx(single[key], rel=1e-5), key
+
+
+#: seg_demo (2 gloo processes by default) on 5 validation canvases of 64 px: an odd count over 2 ranks.
+TINY_SEG = [
+    "+experiment=seg_demo",
+    "data.num_train=4",
+    "data.num_val=5",
+    *TINY_SEG_DATA,
+    "model.evaluation.crop=64",
+    "model.evaluation.stride=43",
+    "trainer.max_epochs=1",
+    "trainer.check_val_every_n_epoch=1",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "extras.print_config=false",
+]
+
+
+def test_seg_demo_ddp_counts_every_pixel_once_and_eval_agrees(tmp_path: Path) -> None:
+    """seg_demo's default 2-process run: the confusion matrices of both ranks are summed (each val image once) and
+    `cednet-eval` of its checkpoint in one process gives the same mIoU and per-class IoU."""
+    run = tmp_path / "run"
+    out = _run(["cednet-train", *TINY_SEG, f"hydra.run.dir={run}"], tmp_path)
+    assert "Starting with 2 processes" in out
+    report = json.loads((run / "per_class_iou_val.json").read_text())
+    assert report["pixels"] == 5 * 64 * 64
+    _run(
+        [
+            "cednet-eval",
+            f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+            "trainer=cpu",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        tmp_path,
+    )
+    again = json.loads((tmp_path / "eval" / "per_class_iou_val.json").read_text())
+    assert again["pixels"] == report["pixels"]
+    assert again["metrics"] == pytest.approx(report["metrics"], abs=1e-6)
+    for name, scores in report["per_class"].items():
+        for key, value in scores.items():
+            other = again["per_class"][name][key]
+            assert (value is None and other is None) or value == pytest.approx(other, abs=1e-6)

@@ -17,17 +17,9 @@ from cednet_pl.models.checkpoint import unwrap_state_dict
 from cednet_pl.train import train
 from cednet_pl.utils import NonFiniteLossError
 from cednet_pl.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
-from testlib import CrashAtEpoch, compose_config, with_extra_callback
+from testlib import TINY_TRAIN, CrashAtEpoch, compose_config, with_extra_callback
 
-#: a tiny but complete digits run: 2 train batches, 2 val batches, 32x32 images
-TINY = [
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.eval_batch_size=32",
-    "+trainer.limit_train_batches=2",
-    "+trainer.limit_val_batches=2",
-    "trainer.max_epochs=1",
-]
+TINY = TINY_TRAIN
 BIN = Path(sys.executable).parent
 
 
@@ -36,12 +28,9 @@ def _metrics(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """One tiny training run shared by the eval tests; returns its output dir."""
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_config("train", ["trainer=cpu", "logger=none", "extras.print_config=false", *TINY], tmp)
-    train(cfg)
-    return Path(cfg.paths.output_dir)
+def trained_run(trained_ckpt: Path) -> Path:
+    """The output dir of the tiny training run shared by the eval tests (tests/conftest.py)."""
+    return trained_ckpt.parent.parent
 
 
 def test_train_writes_checkpoints_and_metrics(trained_run: Path) -> None:

@@ -30,6 +30,15 @@ TINY_DET_DATA = [
 ]
 
 #: Overrides that make any composed run small and quiet on a CPU-only machine.
+#: a tiny but complete digits run (cednet_next_nano with EMA): 2 train batches, 2 val batches, 32x32 images
+TINY_TRAIN = [
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.eval_batch_size=32",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "trainer.max_epochs=1",
+]
 FAST_OVERRIDES = ["trainer=cpu", "logger=none", "extras.print_config=false", "data.num_workers=0"]
 
 
@@ -99,6 +108,34 @@ def with_extra_callback(monkeypatch, callback: Callback) -> None:
 
     original = train_mod.instantiate_callbacks
     monkeypatch.setattr(train_mod, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
+
+
+#: seg_demo data cut down for tests: 64 px canvases with 1-2 digits, 64 px crops, batches of 2 (add
+#: data.num_train / data.num_val and the evaluation window).
+TINY_SEG_DATA = [
+    "data.image_size=64",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,2]",
+    "data.crop_size=64",
+    "data.scale=[128,64]",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+]
+
+#: det_demo (2 gloo processes by default) on a tiny synthetic set of its own 256 px canvases: 5 validation
+#: images, an odd count. (Smaller canvases make P7 1x1, which GroupNorm(32) over 32 channels cannot normalise.)
+TINY_DET = [
+    "+experiment=det_demo",
+    "data.num_train=4",
+    "data.num_val=5",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "trainer.max_epochs=1",
+    "trainer.check_val_every_n_epoch=1",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "extras.print_config=false",
+]
 
 
 def annotations_by_image(ann_file):

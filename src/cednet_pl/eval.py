@@ -148,6 +148,42 @@ def build_for_state_dict(cfg: DictConfig, path: Path) -> tuple[dict[str, Any], d
     return model_cfg, plain(cfg.data)
 
 
+def build_module(
+    cfg: DictConfig, ckpt: dict[str, Any], path: Path, ema: bool = True
+) -> tuple[L.LightningModule, dict[str, Any], dict[str, Any]]:
+    """The LightningModule of a checkpoint (already read into ``ckpt``), with its model and data configs.
+
+    A Lightning checkpoint of cednet-train is rebuilt with ``load_from_checkpoint`` (its stored configs, updated by
+    the command line); a plain state_dict is loaded through timm into the composed ``cfg.model`` (a classifier).
+    Used by cednet-eval, cednet-predict and cednet-export.
+
+    Args:
+        cfg: Composed config with ``model``/``data`` (and ``allow_pickle``).
+        ckpt: The checkpoint as read by :func:`~cednet_pl.models.checkpoint.read_checkpoint`.
+        path: Its file.
+        ema: Keep the checkpoint's EMA copy (classification); False builds the module without it.
+    """
+    weights_only = not cfg.get("allow_pickle", False)
+    if not is_lightning_checkpoint(ckpt):
+        model_cfg, data_cfg = build_for_state_dict(cfg, path)
+        return instantiate_node(model_cfg, "model"), model_cfg, data_cfg
+    model_cfg, data_cfg = build_from_checkpoint(cfg, ckpt, path)
+    if not ema:
+        model_cfg["ema"] = None
+    # hyper-parameters from the checkpoint (save_hyperparameters), updated with the merged config's values
+    cls = _module_class(model_cfg, path)
+    init_kwargs = {k: v for k, v in model_cfg.items() if k != "_target_"}
+    try:
+        model = cls.load_from_checkpoint(
+            path, map_location="cpu", strict=True, weights_only=weights_only, **init_kwargs
+        )
+    except RuntimeError as err:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model {model_cfg.get('_target_')}: {err}"
+        ) from err
+    return model, model_cfg, data_cfg
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Validate the checkpoint `cfg.ckpt` and write the metrics JSON.
 
@@ -168,31 +204,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
+    model, model_cfg, data_cfg = build_module(cfg, ckpt, path, ema=cfg.get("ema", True))
     lightning_ckpt = is_lightning_checkpoint(ckpt)
-    if lightning_ckpt:
-        model_cfg, data_cfg = build_from_checkpoint(cfg, ckpt, path)
-        if not cfg.get("ema", True):
-            model_cfg["ema"] = None
-    else:
-        model_cfg, data_cfg = build_for_state_dict(cfg, path)
     del ckpt
-
     datamodule: L.LightningDataModule = instantiate_node(data_cfg, "datamodule")
-    model: L.LightningModule
-    if lightning_ckpt:
-        # hyper-parameters from the checkpoint (save_hyperparameters), updated with the merged config's values
-        cls = _module_class(model_cfg, path)
-        init_kwargs = {k: v for k, v in model_cfg.items() if k != "_target_"}
-        try:
-            model = cls.load_from_checkpoint(
-                path, map_location="cpu", strict=True, weights_only=weights_only, **init_kwargs
-            )
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {path} does not fit the model {model_cfg.get('_target_')}: {err}"
-            ) from err
-    else:
-        model = instantiate_node(model_cfg, "model")
 
     with open_dict(cfg):
         cfg.model = model_cfg

@@ -130,7 +130,7 @@ def test_eval_of_a_mask_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
         backbone={"kind": "cednet", "model_name": "cednet_next_nano"}, num_classes=10
     )
     box_ckpt = {"state_dict": {f"net.{k}": v for k, v in retinanet.net.state_dict().items()}}
-    with pytest.raises(ValueError, match="holds a retinanet detector, not a maskrcnn one"):
+    with pytest.raises(ValueError, match=r"it has no Mask R-CNN RoI heads \(net\.roi_heads\.\*\)"):
         module.on_load_checkpoint(box_ckpt)
     # a mask checkpoint is not a backbone either
     from cednet_pl.models.detection import CEDNetPyramid

@@ -74,11 +74,12 @@ def converter() -> ModuleType:
 
 @pytest.fixture
 def make_nano() -> Callable[..., CEDNet]:
-    """Factory of seeded ``cednet_next_nano`` models (10 classes unless overridden)."""
+    """Factory of seeded ``cednet_next_nano`` training models: 10 classes and every stage's head (``aux_heads``)
+    unless overridden."""
 
     def _make(**kwargs: object) -> CEDNet:
         torch.manual_seed(0)
-        return timm.create_model("cednet_next_nano", **{"num_classes": 10, **kwargs})
+        return timm.create_model("cednet_next_nano", **{"num_classes": 10, "aux_heads": True, **kwargs})
 
     return _make
 

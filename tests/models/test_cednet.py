@@ -121,7 +121,7 @@ def test_reset_classifier(make_nano: MakeNano) -> None:
 
 
 def test_num_classes_zero_removes_all_stage_heads() -> None:
-    model = timm.create_model("cednet_next_nano", num_classes=0)
+    model = timm.create_model("cednet_next_nano", num_classes=0, aux_heads=True)
     assert all(isinstance(h, nn.Identity) for h in model.heads)
     assert [o.shape for o in model.forward_stage_logits(_x())] == [(2, 256), (2, 256)]
 
@@ -215,7 +215,7 @@ def test_group_matcher_for_layer_decay(make_nano: MakeNano) -> None:
 
 def test_init_kaiming_fan_out_and_trunc_normal_head_scale() -> None:
     torch.manual_seed(0)
-    model = timm.create_model("cednet_next_nano", head_init_scale=0.5)
+    model = timm.create_model("cednet_next_nano", head_init_scale=0.5, aux_heads=True)
     conv = model.final_layers[0][0]  # 128 -> 256 conv1x1: fan_out 256
     assert conv.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
     fc1 = model.stages[1][0].encoder[2][0].pwconv1  # Linear 128 -> 512: fan_out 512
@@ -226,7 +226,7 @@ def test_init_kaiming_fan_out_and_trunc_normal_head_scale() -> None:
     assert head.std().item() == pytest.approx(0.5 * 0.01, rel=0.05)
     gammas = [m.gamma for m in model.modules() if getattr(m, "gamma", None) is not None]
     assert gammas and all(torch.all(g == 1e-6) for g in gammas)
-    zero = timm.create_model("cednet_next_nano", head_init_scale=0.0)
+    zero = timm.create_model("cednet_next_nano", head_init_scale=0.0, aux_heads=True)
     assert all(torch.count_nonzero(h.weight) == 0 for h in zero.heads)
 
 
@@ -239,7 +239,7 @@ def test_initial_logits_do_not_scale_with_few_classes(name: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(64, 3, 32, 32)  # 64 images: the std of 2 x 64 logits is a steady estimate
     for num_classes in (2, 10, 1000):
-        model = timm.create_model(name, num_classes=num_classes).eval()
+        model = timm.create_model(name, num_classes=num_classes, aux_heads=True).eval()
         with torch.no_grad():
             stds = [logits.std().item() for logits in model.forward_stage_logits(x)]
         assert max(stds) < 1.0, (num_classes, stds)
@@ -284,7 +284,7 @@ def test_invalid_arguments() -> None:
 
 
 def test_tiny_forward_small_input() -> None:
-    model = timm.create_model("cednet_next_tiny", num_classes=5).eval()
+    model = timm.create_model("cednet_next_tiny", num_classes=5, aux_heads=True).eval()
     with torch.no_grad():
         stages = model.forward_stage_logits(_x(1))
     assert [s.shape for s in stages] == [(1, 5)] * 3
@@ -294,7 +294,7 @@ def test_tiny_forward_small_input() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", RELEASED)
 def test_released_variants_forward_backward(variant: str) -> None:
-    model = timm.create_model(variant, num_classes=5, drop_path_rate=0.1)
+    model = timm.create_model(variant, num_classes=5, drop_path_rate=0.1, aux_heads=True)
     stages = model.forward_stage_logits(_x(1))
     assert len(stages) == model.num_stages and all(s.shape == (1, 5) for s in stages)
     sum(s.sum() for s in stages).backward()

@@ -144,7 +144,7 @@ def _head(model: CEDNet, s: int, c5: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def nano() -> CEDNet:
-    return _randomise(timm.create_model("cednet_next_nano", num_classes=6))
+    return _randomise(timm.create_model("cednet_next_nano", num_classes=6, aux_heads=True))
 
 
 def test_up2_matrix_is_bilinear_align_corners_false() -> None:

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from cednet_pl.models.complexity import count_macs, count_params
+from cednet_pl.models.complexity import aux_head_prefixes, count_macs, count_params
 
 RELEASED = (
     "cednet_next_tiny",
@@ -26,25 +26,35 @@ RELEASED = (
 SHARED_REFERENCE = Path("/work/shared/reference")
 
 
-def _meta_model(variant: str) -> nn.Module:
+def _meta_model(variant: str, **kwargs: object) -> nn.Module:
     with torch.device("meta"):
-        return timm.create_model(variant)
+        return timm.create_model(variant, **kwargs)
 
 
 @pytest.mark.parametrize("variant", RELEASED)
 def test_state_dict_equals_released_keys(variant: str, reference_keys: Callable) -> None:
+    # the released checkpoints carry every stage's head: the training model (aux_heads=True) has their layout
     expected = reference_keys(variant)
-    got = {k: tuple(v.shape) for k, v in _meta_model(variant).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in _meta_model(variant, aux_heads=True).state_dict().items()}
     assert sorted(set(expected) - set(got)) == []
     assert sorted(set(got) - set(expected)) == []
     assert {k: v for k, v in got.items() if v != expected[k]} == {}
+    # the inference model (the default) is the released layout without the auxiliary heads, same names
+    model = _meta_model(variant)
+    inference = {k: v for k, v in expected.items() if not k.startswith(aux_head_prefixes(model))}
+    assert len(inference) < len(expected)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == inference
 
 
 @pytest.mark.parametrize("variant", RELEASED)
 def test_param_counts_exact(variant: str, complexity_ref: dict) -> None:
+    """Default model = Table A1's inference count; with ``aux_heads`` = the released whole model."""
     model = _meta_model(variant)
-    assert count_params(model) == complexity_ref[variant]["params_all"]
+    assert count_params(model) == complexity_ref[variant]["params_inference"]
     assert count_params(model, inference_only=True) == complexity_ref[variant]["params_inference"]
+    whole = _meta_model(variant, aux_heads=True)
+    assert count_params(whole) == complexity_ref[variant]["params_all"]
+    assert count_params(whole, inference_only=True) == complexity_ref[variant]["params_inference"]
 
 
 def test_macs_tiny(complexity_ref: dict) -> None:
@@ -79,7 +89,7 @@ def test_mac_counter_on_hand_computed_net() -> None:
 
 
 def test_inference_params_exclude_only_auxiliary_heads() -> None:
-    model = _meta_model("cednet_next_tiny")
+    model = _meta_model("cednet_next_tiny", aux_heads=True)
     aux = sum(
         p.numel()
         for n, p in model.named_parameters()

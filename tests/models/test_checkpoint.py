@@ -48,7 +48,7 @@ def _assert_same(
 @pytest.fixture
 def nano_sd() -> dict[str, torch.Tensor]:
     torch.manual_seed(5)
-    model = timm.create_model(NANO)
+    model = timm.create_model(NANO, aux_heads=True)  # the released layout: every stage's head
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
@@ -66,10 +66,14 @@ def _round_trip(variant: str, tmp_path: Path, random_state_dict: Callable, conve
     sd = random_state_dict(variant)
     src = tmp_path / f"{variant}_released.pth"
     torch.save({"model": sd, "epoch": 299}, src)
-    model = _load(variant, src)
+    model = _load(variant, src, aux_heads=True)
     assert set(model.state_dict()) == set(sd)
     _assert_same(model.state_dict(), sd)
-    del model
+    # the inference model (default) loads the same file; the auxiliary heads are dropped with a logged note
+    inference = _load(variant, src)
+    assert set(inference.state_dict()) < set(sd)
+    _assert_same(inference.state_dict(), sd, sorted(inference.state_dict()))
+    del model, inference
 
     dst = tmp_path / f"{variant}_converted.pth"
     assert converter.main([str(src), str(dst), "--model", variant]) == 0
@@ -92,12 +96,25 @@ def test_released_checkpoint_round_trip(
     _round_trip(variant, tmp_path, random_state_dict, converter)
 
 
+def test_released_heads_load_into_either_model(nano_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A released checkpoint carries every stage's head: the training model loads them all; the inference model
+    (default) loads the rest and drops the auxiliary heads with a logged note."""
+    whole = _load(NANO, nano_file, aux_heads=True)
+    with caplog.at_level("INFO", logger="cednet_pl.models.cednet"):
+        inference = _load(NANO, nano_file)
+    assert "auxiliary stage heads" in caplog.text and "aux_heads=False" in caplog.text
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(inference.eval()(x), whole.eval()(x))
+    assert len(whole.state_dict()) > len(inference.state_dict())
+
+
 def test_lightning_checkpoint_loads(tmp_path: Path, nano_sd: dict[str, torch.Tensor]) -> None:
     path = tmp_path / "last.ckpt"
     state = {f"net.{k}": v for k, v in nano_sd.items()}
     state["criterion.weight"] = torch.ones(3)  # a non-model entry of the LightningModule
     torch.save({"state_dict": state, "epoch": 1, "global_step": 10, "hyper_parameters": {"lr": 0.1}}, path)
-    _assert_same(_load(NANO, path).state_dict(), nano_sd)
+    _assert_same(_load(NANO, path, aux_heads=True).state_dict(), nano_sd)
     assert set(load_checkpoint_file(path)) == set(nano_sd)
 
 
@@ -105,7 +122,7 @@ def test_model_is_preferred_over_model_ema(tmp_path: Path, nano_sd: dict[str, to
     path = tmp_path / "both.pth"
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in nano_sd.items()}
     torch.save({"model_ema": ema, "model": nano_sd}, path)
-    _assert_same(_load(NANO, path).state_dict(), nano_sd)
+    _assert_same(_load(NANO, path, aux_heads=True).state_dict(), nano_sd)
 
 
 def test_wrong_variant_fails_with_names(nano_file: Path) -> None:
@@ -148,11 +165,11 @@ def test_load_into_features_only_and_other_heads(nano_file: Path, nano_sd: dict[
     _assert_same(features.model.state_dict(), nano_sd, backbone)
 
     with pytest.warns(UserWarning, match="other num_classes"):
-        other = _load(NANO, nano_file, num_classes=10)
+        other = _load(NANO, nano_file, num_classes=10, aux_heads=True)
     _assert_same(other.state_dict(), nano_sd, [k for k in nano_sd if not k.startswith("heads.")])
-    assert other.heads[0].weight.shape == (10, 256)
+    assert other.heads[-1].weight.shape == (10, 256)
 
-    headless = _load(NANO, nano_file, num_classes=0)
+    headless = _load(NANO, nano_file, num_classes=0, aux_heads=True)
     _assert_same(headless.state_dict(), nano_sd, [k for k in nano_sd if not k.startswith("heads.")])
 
     gray = _load(NANO, nano_file, in_chans=1)
@@ -160,7 +177,7 @@ def test_load_into_features_only_and_other_heads(nano_file: Path, nano_sd: dict[
 
 
 def test_filter_fn_is_strict_on_a_bare_state_dict(nano_sd: dict[str, torch.Tensor]) -> None:
-    model = timm.create_model(NANO)
+    model = timm.create_model(NANO, aux_heads=True)
     assert set(checkpoint_filter_fn({"model": nano_sd}, model)) == set(nano_sd)
     with pytest.raises(RuntimeError, match="missing"):
         checkpoint_filter_fn({k: v for k, v in nano_sd.items() if not k.startswith("stem.")}, model)
@@ -173,8 +190,11 @@ def test_converter_inference_only_and_drop_heads(
     assert converter.main([str(nano_file), str(inf), "--model", NANO, "--inference-only"]) == 0
     keys = set(torch.load(inf, weights_only=True))
     assert keys == {k for k in nano_sd if not k.startswith(("final_layers.0.", "norms.0.", "heads.0."))}
+    model: CEDNet = _load(NANO, inf)  # the inference model: exactly these keys, no note
+    assert set(model.state_dict()) == keys
+    _assert_same(model.state_dict(), nano_sd, sorted(keys))
     with pytest.warns(UserWarning, match="auxiliary"):
-        model: CEDNet = _load(NANO, inf)
+        model = _load(NANO, inf, aux_heads=True)
     _assert_same(model.state_dict(), nano_sd, sorted(keys))
 
     backbone = tmp_path / "backbone.pth"
@@ -212,3 +232,12 @@ def test_converter_cli(tmp_path: Path, nano_file: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "verified against cednet_next_nano" in proc.stdout
     assert out.is_file()
+
+
+def test_converter_takes_the_ema_weights(trained_ckpt: Path, tmp_path: Path, converter: ModuleType) -> None:
+    out = tmp_path / "ema.pth"
+    assert converter.main([str(trained_ckpt), str(out), "--model", NANO, "--ema"]) == 0
+    sd = torch.load(out, weights_only=True)
+    ema, raw = load_checkpoint_file(trained_ckpt, ema=True), load_checkpoint_file(trained_ckpt)
+    assert set(sd) == set(ema) and all(torch.equal(sd[k], ema[k]) for k in sd)
+    assert any(not torch.equal(sd[k], raw[k]) for k in sd if sd[k].is_floating_point())

@@ -52,13 +52,14 @@ def _keys(module: nn.Module) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module", params=FAMILY_VARIANTS)
 def released(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
-    return request.param, timm.create_model(request.param, pretrained=False)
+    # the released layout and whole-model count include every stage's head
+    return request.param, timm.create_model(request.param, pretrained=False, aux_heads=True)
 
 
 def _small(family: str, **kwargs) -> CEDNet:
     args = dict(p2_dim=32, p2_block=2, dims=(64, 96, 128), blocks=(2, 2, 2), num_stages=2, head_hidden=64)
     args.update(kwargs)
-    return CEDNet(family=family, num_classes=10, **args)
+    return CEDNet(family=family, num_classes=10, aux_heads=True, **args)
 
 
 # ----------------------------------------------------------------------------- released variants
@@ -200,14 +201,43 @@ def test_shifted_windows_block_attention_across_regions() -> None:
     assert not torch.allclose(plain.window_attention(x2)[0, 13, 13], y[0, 13, 13])
 
 
-def test_no_shift_when_map_fits_one_window() -> None:
+def test_released_shift_on_a_one_window_map_is_the_reverse_roll_only() -> None:
+    """The released Swin block: on a 7x7 map (one window) a shifted block skips the forward roll and the mask but
+    still rolls the attention output back by window // 2 = 3; the symmetric form does neither."""
     torch.manual_seed(0)
-    shifted, plain = SwinFocalBlock(64, index=1).eval(), SwinFocalBlock(64, index=0).eval()
-    plain.load_state_dict(shifted.state_dict())
-    x = torch.randn(2, 64, 7, 7)
-    torch.testing.assert_close(shifted(x), plain(x))
-    x = torch.randn(2, 64, 14, 14)
-    assert not torch.allclose(shifted(x), plain(x))
+    released = SwinFocalBlock(64, index=1).eval()
+    symmetric = SwinFocalBlock(64, index=1, shift_mode="symmetric").eval()
+    plain = SwinFocalBlock(64, index=0).eval()
+    symmetric.load_state_dict(released.state_dict())
+    plain.load_state_dict(released.state_dict())
+    assert released.shift_mode == "released" and released.shift_size == 3
+    y = torch.randn(2, 7, 7, 64)
+    with torch.no_grad():
+        unshifted = plain.window_attention(y)
+        torch.testing.assert_close(released.window_attention(y), torch.roll(unshifted, (3, 3), dims=(1, 2)))
+        torch.testing.assert_close(symmetric.window_attention(y), unshifted)
+        x = torch.randn(2, 64, 7, 7)
+        torch.testing.assert_close(symmetric(x), plain(x))
+        assert not torch.allclose(released(x), plain(x), atol=1e-3)
+        # maps larger than a window: both forms are the textbook shifted window (forward roll, mask, reverse roll)
+        x = torch.randn(2, 64, 14, 14)
+        torch.testing.assert_close(released(x), symmetric(x))
+        assert not torch.allclose(released(x), plain(x), atol=1e-3)
+
+
+def test_swin_families_choose_the_shift_mode() -> None:
+    assert (
+        get_family("swin").base_block(64, drop_path=0.0, ls_init_value=None, index=1).shift_mode == "released"
+    )
+    sym = get_family("swin_symmetric").focal_block(64, drop_path=0.0, ls_init_value=None, index=1)
+    assert sym.shift_mode == "symmetric"
+    model = timm.create_model("cednet_swin_tiny", family="swin_symmetric", num_classes=3)
+    assert {b.shift_mode for b in model.modules() if isinstance(b, SwinBlock)} == {"symmetric"}
+    assert {
+        b.shift_mode for b in timm.create_model("cednet_swin_tiny").modules() if isinstance(b, SwinBlock)
+    } == {"released"}
+    with pytest.raises(ValueError, match="shift_mode"):
+        SwinBlock(64, shift_mode="left")
 
 
 @pytest.mark.parametrize("size", [(2, 2), (5, 9), (16, 16)])
@@ -224,7 +254,7 @@ def test_dilated_dwconv_fast_paths_equal_conv(size: tuple[int, int]) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, kernel_size=7, padding=9, dilation=3, groups=8)
     x = torch.randn(2, 8, *size).to(memory_format=torch.channels_last).requires_grad_()
-    ref, out = conv(x), dilated_dwconv2d(x, conv)
+    ref, out = conv(x), dilated_dwconv2d(x, conv.weight, conv.bias, conv.dilation[0])
     torch.testing.assert_close(out, ref)
     grads_ref = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
     grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
@@ -278,7 +308,7 @@ def test_depthwise_conv_equals_conv2d(
         conv, ref, x = (t.to(memory_format=torch.channels_last) for t in (conv, ref, x))
     x.requires_grad_()
     params, ref_params = [x, conv.weight, conv.bias][: 2 + bias], [x, ref.weight, ref.bias][: 2 + bias]
-    for run in (conv, lambda t: dilated_dwconv2d(t, conv)):
+    for run in (conv, lambda t: dilated_dwconv2d(t, conv.weight, conv.bias, conv.dilation[0])):
         out, expected = run(x), ref(x)
         torch.testing.assert_close(out, expected)
         grads = torch.autograd.grad(out.square().sum(), params)

@@ -44,7 +44,9 @@ def test_two_stage_pyramid_levels_strides_and_p2_fusion():
     assert names == {"body", "reduce_convs", "add_blocks", "reduce_c2", "merge_c2"}
     # P2 = merge_c2(up2(P3) + reduce_c2(c2)), c2 = the P2 blocks' output (nano: p2_dim 32, stride 4)
     trunk = bb.trunk
-    c2 = trunk.stages[0][:-1](trunk.stem(x))
+    c2 = trunk.stem(x)
+    for block in list(trunk.stages[0])[:-1]:
+        c2 = block(c2)
     assert c2.shape == (2, 32, 32, 40)
     up = torch.nn.functional.interpolate(feats["p3"], scale_factor=2, mode="bilinear", align_corners=False)
     assert torch.allclose(feats["p2"], bb.merge_c2(up + bb.reduce_c2(c2)), atol=1e-5)

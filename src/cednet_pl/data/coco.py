@@ -365,6 +365,12 @@ class COCODataModule(L.LightningDataModule):
         return self.val_dataset.label_to_category_id
 
     @property
+    def category_names(self) -> list[str]:
+        """``category_names[label]`` is the COCO category name of a contiguous label."""
+        ids = self.category_ids
+        return [self.val_dataset.category_names[c] for c in ids]
+
+    @property
     def num_classes(self) -> int:
         """Number of categories (the configured value, else read from the validation annotations)."""
         if self.hparams.num_classes is not None:

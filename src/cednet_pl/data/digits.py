@@ -9,10 +9,13 @@ The train/val split is stratified and fixed by `split_seed`. Training augmentati
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cednet_pl.data.samplers import exact_eval_sampler, sample_seed, train_sampler
@@ -136,6 +139,23 @@ class DigitsDataModule(L.LightningDataModule):
         self.num_classes = num_classes
         self.data_train: DigitsDataset | None = None
         self.data_val: DigitsDataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The digit of each label."""
+        return [str(d) for d in range(10)]
+
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The evaluation pipeline for an image file: grey [0, 1], bilinear resize to `image_size`, 3 channels in
+        [-1, 1] (as the validation images; dark digits on a light ground are inverted by the caller if needed)."""
+        size = self.image_size
+
+        def transform(img: Image.Image) -> torch.Tensor:
+            x = TF.pil_to_tensor(img.convert("L")).float().div_(255.0)[None]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)[0]
+            return ((x - 0.5) / 0.5).expand(3, -1, -1).contiguous()
+
+        return transform
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:

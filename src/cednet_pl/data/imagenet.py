@@ -287,6 +287,14 @@ class ImageNetDataModule(L.LightningDataModule):
             std=tuple(hp.std),
         )
 
+    @property
+    def class_names(self) -> list[str]:
+        """Class folder names in label order (read from `val/`)."""
+        if self.data_val is None:
+            self.setup("validate")
+        assert self.data_val is not None
+        return list(self.data_val.classes)
+
     def _split(self, split: str, transform: Callable) -> SafeImageFolder:
         split_dir = check_split_dir(self.root, split)
         ds = SafeImageFolder(

@@ -34,11 +34,27 @@ from pycocotools import mask as mask_utils
 
 from cednet_pl.data.coco import COCODataModule
 
-__all__ = ["MANIFEST_VERSION", "SyntheticDetDataModule", "category_id", "generate_synthetic_det"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "SyntheticDetDataModule",
+    "category_id",
+    "generate_synthetic_det",
+    "manifest_matches",
+]
 
 MANIFEST_VERSION = 2
 _VAL_ID_OFFSET = 100000
 _ALPHA_LOW, _ALPHA_HIGH = 0.25, 0.5
+
+
+def manifest_matches(path: Path, manifest: dict[str, Any]) -> bool:
+    """Whether the generation manifest at ``path`` exists and equals ``manifest`` (the cached set is current)."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()) == manifest
+    except json.JSONDecodeError:
+        return False
 
 
 def category_id(digit: int) -> int:
@@ -203,13 +219,8 @@ def generate_synthetic_det(
         "empty_prob": float(empty_prob),
         "seed": int(seed),
     }
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            if json.loads(manifest_path.read_text()) == manifest:
-                return root
-        except json.JSONDecodeError:
-            pass
+    if manifest_matches(root / "manifest.json", manifest):
+        return root
 
     data = load_digits()
     digits, targets = data.images, data.target

@@ -48,6 +48,15 @@ def build_net(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _has_stage_heads(name: str, net_kwargs: dict[str, Any]) -> bool:
+    """Whether model `name` has per-stage heads for deep supervision (`forward_stage_logits` and the `aux_heads`
+    keyword, e.g. CEDNet), probed on the meta device (no memory, no weights loaded)."""
+    probe_kwargs = {k: v for k, v in net_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+    with torch.device("meta"):
+        probe = build_net(name, **probe_kwargs)
+    return callable(getattr(probe, "forward_stage_logits", None)) and hasattr(probe, "aux_heads")
+
+
 def revcol_compound_loss(
     logits: Sequence[torch.Tensor],
     images: Sequence[torch.Tensor],
@@ -188,8 +197,12 @@ class ClassificationModule(L.LightningModule):
         if "name" not in net:
             raise ValueError(f"`net` config needs a `name` (a timm model name), got keys {sorted(net)}")
         net_kwargs = dict(net)
-        self.net = build_net(net_kwargs.pop("name"), **net_kwargs)
+        name = net_kwargs.pop("name")
+        if deep_supervision and "aux_heads" not in net_kwargs and _has_stage_heads(name, net_kwargs):
+            net_kwargs["aux_heads"] = True  # the training-only heads of every cascade stage
+        self.net = build_net(name, **net_kwargs)
         self.num_classes = int(self.net.num_classes)
+        self.class_names: list[str] | None = None  # from the datamodule; stored in checkpoints
         has_stages = callable(getattr(self.net, "forward_stage_logits", None))
         self.deep_supervision = bool(deep_supervision and has_stages)
         self.num_stages = int(getattr(self.net, "num_stages", 1)) if has_stages else 1
@@ -380,8 +393,21 @@ class ClassificationModule(L.LightningModule):
             or (getattr(self.net, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
         )
         self.example_input_array = torch.zeros(1, 3, int(size), int(size))
+        names = getattr(dm, "class_names", None) if dm is not None else None
+        if names is not None:
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"the datamodule names {len(names)} classes but the model has num_classes={self.num_classes}"
+                )
+            self.class_names = [str(n) for n in names]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.class_names is not None:
+            checkpoint["class_names"] = list(self.class_names)  # named predictions (cednet-predict)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("class_names"):
+            self.class_names = [str(n) for n in checkpoint["class_names"]]
         # a module built without EMA (e.g. cednet-eval ema=false) ignores the checkpoint's EMA copy
         state = checkpoint.get("state_dict") or {}
         if self.ema is None and any(k.startswith("ema.") for k in state):

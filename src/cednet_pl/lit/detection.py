@@ -40,7 +40,6 @@ from cednet_pl.models.detection import (
     RetinaNetDetector,
     TimmFPNBackbone,
     build_retinanet,
-    detector_kind_of,
 )
 from cednet_pl.utils.logging import RankedLogger
 from cednet_pl.utils.run import plain
@@ -50,8 +49,12 @@ __all__ = [
     "DETECTION_TASKS",
     "DetectionModule",
     "build_backbone",
+    "build_dense_optimizer",
     "build_multistep_scheduler",
+    "check_checkpoint_task",
     "detection_param_groups",
+    "load_pretrained_backbone",
+    "per_step_schedule",
 ]
 
 log = RankedLogger(__name__)
@@ -124,6 +127,69 @@ def detection_param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+def build_dense_optimizer(net: torch.nn.Module, config: Mapping[str, Any] | None) -> torch.optim.Optimizer:
+    """The timm optimizer of a dense-prediction model from its plain config.
+
+    ``config``: ``name`` (adamw), ``lr``, ``weight_decay``, ``layer_decay``, ``head_weight_decay`` (see
+    :func:`detection_param_groups`), other timm optimizer kwargs (betas, eps).
+    """
+    cfg = dict(config or {})
+    name = cfg.pop("name", "adamw")
+    lr = float(cfg.pop("lr", 1e-4))
+    groups = detection_param_groups(
+        net,
+        weight_decay=cfg.pop("weight_decay", 0.05),
+        layer_decay=cfg.pop("layer_decay", None),
+        head_weight_decay=cfg.pop("head_weight_decay", None),
+    )
+    if cfg.get("betas") is not None:
+        cfg["betas"] = tuple(cfg["betas"])
+    return create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
+
+
+def per_step_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, total_steps: int) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` result for a timm scheduler stepped every optimizer step."""
+    log.info(
+        f"lr {optimizer.defaults['lr']:.3g}, {len(optimizer.param_groups)} param groups, "
+        f"{total_steps} optimizer steps"
+    )
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }
+
+
+def load_pretrained_backbone(backbone: torch.nn.Module, spec: Any) -> None:
+    """Load a backbone's trunk: ``True`` = timm's own weights (needs the network), else a checkpoint path."""
+    if spec is True:
+        import timm
+
+        src = timm.create_model(
+            backbone.model_name,
+            pretrained=True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=backbone.body.out_indices,
+        )
+        backbone.body.load_state_dict(src.state_dict())
+    else:
+        backbone.load_trunk(str(spec))
+
+
+def check_checkpoint_task(
+    checkpoint: dict[str, Any], module: str, head_prefix: str, task: str, head_name: str
+) -> None:
+    """Raise a "wrong-task checkpoint" ValueError unless ``checkpoint`` holds a ``module`` with ``head_prefix`` keys."""
+    stored = checkpoint.get("cednet_config") or {}
+    target = str((stored.get("model") or {}).get("_target_", ""))
+    if target and not target.endswith(module):
+        raise ValueError(f"wrong-task checkpoint: it holds a {target} model, not a {task} model ({module})")
+    if not any(k.startswith(head_prefix) for k in checkpoint.get("state_dict", {})):
+        raise ValueError(
+            f"wrong-task checkpoint: it has no {head_name} ({head_prefix}*); not a {task} checkpoint"
+        )
+
+
 def build_multistep_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
@@ -188,6 +254,9 @@ class DetectionModule(L.LightningModule):
     task = "detection"
     #: The detector a checkpoint of this task holds (see ``detector_kind_of``) and the target keys it trains on.
     detector_kind = "retinanet"
+    #: state-dict prefix and name of the detector's head (the wrong-task check of a checkpoint)
+    head_prefix = "net.head."
+    head_name = "RetinaNet head"
     target_keys: tuple[str, ...] = ("boxes", "labels")
     #: the detector's losses (keys of its loss dict without a ``loss_`` prefix), logged as ``<split>/loss_<name>``
     loss_names: tuple[str, ...] = ("classification", "bbox_regression")
@@ -225,6 +294,9 @@ class DetectionModule(L.LightningModule):
             build_backbone(**backbone_kwargs), self.num_classes, **detector
         )
         self.category_ids: list[int] | None = None
+        self.category_names: list[str] | None = (
+            None  # stored in checkpoints, named predictions (cednet-predict)
+        )
         self.results_path: Path | None = None
         self._val_outputs: list[tuple[int, dict[str, Any]]] = []
         self._val_image_ids: list[int] = []
@@ -261,6 +333,7 @@ class DetectionModule(L.LightningModule):
                     "set model.num_classes=${data.num_classes} and data.num_classes to the category count"
                 )
             self.category_ids = ids
+            self.category_names = list(getattr(dm, "category_names", None) or []) or None
         # two square images at the detector's test size (two: GroupNorm cannot normalise a single 1x1 P7 map of a
         # small demo size): Lightning's model summary runs them to print true FLOPs
         side = int(self.net.transform.min_size[0])
@@ -270,41 +343,22 @@ class DetectionModule(L.LightningModule):
             self._load_pretrained(self.pretrained)
 
     def _load_pretrained(self, spec: Any) -> None:
-        backbone = self.net.backbone
-        if spec is True:
-            import timm
-
-            src = timm.create_model(
-                backbone.model_name,
-                pretrained=True,
-                features_only=True,
-                feature_cls="getter",
-                out_indices=backbone.body.out_indices,
-            )
-            backbone.body.load_state_dict(src.state_dict())
-        else:
-            backbone.load_trunk(str(spec))
+        load_pretrained_backbone(self.net.backbone, spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        stored = checkpoint.get("cednet_config") or {}
-        target = str((stored.get("model") or {}).get("_target_", ""))
-        name = type(self).__name__
-        if target and not target.endswith("." + name):
-            raise ValueError(
-                f"wrong-task checkpoint: it holds a {target} model, not a {self.task} model ({name})"
-            )
-        kind = detector_kind_of(checkpoint.get("state_dict", {}))
-        if kind != self.detector_kind:
-            raise ValueError(
-                f"wrong-task checkpoint: it holds {f'a {kind} detector' if kind else 'no detector head'}, "
-                f"not a {self.detector_kind} one ({name})"
-            )
+        check_checkpoint_task(
+            checkpoint, "." + type(self).__name__, self.head_prefix, self.task, self.head_name
+        )
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
+        if checkpoint.get("category_names"):
+            self.category_names = [str(n) for n in checkpoint["category_names"]]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.category_ids is not None:
             checkpoint["category_ids"] = list(self.category_ids)
+        if self.category_names is not None:
+            checkpoint["category_names"] = list(self.category_names)
 
     # ------------------------------------------------------------------ training
     def training_step(
@@ -456,28 +510,12 @@ class DetectionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = dict(self.hparams["optimizer"] or {})
-        name = cfg.pop("name", "adamw")
-        lr = float(cfg.pop("lr", 1e-4))
-        groups = detection_param_groups(
-            self.net,
-            weight_decay=cfg.pop("weight_decay", 0.05),
-            layer_decay=cfg.pop("layer_decay", None),
-            head_weight_decay=cfg.pop("head_weight_decay", None),
-        )
-        if cfg.get("betas") is not None:
-            cfg["betas"] = tuple(cfg["betas"])
-        optimizer = create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
+        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
         sched_cfg = dict(self.hparams["scheduler"] or {})
         if sched_cfg.pop("name", "multistep") in ("constant", "none"):
             return {"optimizer": optimizer}
         total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_multistep_scheduler(optimizer, total, **sched_cfg)
-        log.info(f"lr {lr:.3g}, {len(optimizer.param_groups)} param groups, {total} optimizer steps")
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return per_step_schedule(optimizer, build_multistep_scheduler(optimizer, total, **sched_cfg), total)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count

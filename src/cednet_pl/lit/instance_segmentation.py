@@ -34,6 +34,8 @@ class InstanceSegmentationModule(DetectionModule):
 
     task = "instance_segmentation"
     detector_kind = "maskrcnn"
+    head_prefix = "net.roi_heads."
+    head_name = "Mask R-CNN RoI heads"
     target_keys = ("boxes", "labels", "masks")
     loss_names = ("objectness", "rpn_box_reg", "classifier", "box_reg", "mask")
 

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 # timm.layers.LayerNorm2d: LayerNorm over the channels of NCHW maps (eps 1e-6), as the released models
 from timm.layers import DropPath, LayerNorm2d
+from timm.models import register_notrace_module
 from torch import nn
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "BlockFactory",
     "BlockFamily",
     "DepthwiseConv2d",
+    "DilatedDepthwiseConv2d",
     "FocalNeXtBlock",
     "LayerNorm2d",
     "NeXtBlock",
@@ -109,6 +111,7 @@ FAMILIES: dict[str, BlockFamily] = {}
 # Modules that register a family when imported; loaded lazily by get_family.
 _FAMILY_MODULES = {
     "swin": "cednet_pl.models.blocks_swin",
+    "swin_symmetric": "cednet_pl.models.blocks_swin",
     "res": "cednet_pl.models.blocks_resnet",
 }
 
@@ -138,6 +141,8 @@ def get_family(name: str | BlockFamily) -> BlockFamily:
     return FAMILIES[name]
 
 
+# Device-dependent paths: FX traces these as leaves (timm's notrace registry), TorchScript compiles them.
+@register_notrace_module
 class PointwiseConv2d(nn.Conv2d):
     """1x1 conv (same parameters and state_dict as ``nn.Conv2d(in, out, 1)``) computed as a Linear over NHWC.
 
@@ -160,6 +165,7 @@ class PointwiseConv2d(nn.Conv2d):
         return y.permute(0, 3, 1, 2)
 
 
+@register_notrace_module
 class PatchConv2d(nn.Conv2d):
     """k x k conv with stride k and no padding (a downsample; same parameters and state_dict as ``nn.Conv2d``),
     computed as a Linear over the k x k patches of the NHWC map.
@@ -271,6 +277,7 @@ def depthwise_conv2d(
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
 
 
+@register_notrace_module
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise k x k conv, stride 1, 'same' padding (``dilation * (k // 2)``); an ``nn.Conv2d`` (same parameters and
     state_dict) that runs :func:`depthwise_conv2d`.
@@ -290,8 +297,19 @@ class DepthwiseConv2d(nn.Conv2d):
         return depthwise_conv2d(x, self.weight, self.bias, self.padding, self.dilation[0])
 
 
-def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)`` for a depthwise, dilated, 'same'-padded conv, computed the fast way (same result).
+@register_notrace_module
+class DilatedDepthwiseConv2d(DepthwiseConv2d):
+    """A dilated :class:`DepthwiseConv2d` (same parameters and state_dict) computed by :func:`dilated_dwconv2d`
+    (kernel cropped on small maps, space-to-batch on large ones)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dilated_dwconv2d(x, self.weight, self.bias, self.dilation[0])
+
+
+def dilated_dwconv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
+) -> torch.Tensor:
+    """A depthwise, dilated, 'same'-padded conv (stride 1), computed the fast way (same result as the conv).
 
     CPU convolution kernels are slow for dilated depthwise convs. Two exact rewrites:
 
@@ -303,23 +321,24 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     Args:
         x: ``(B, C, H, W)`` input.
-        conv: ``nn.Conv2d`` with ``groups == in_channels == out_channels``, square odd kernel k, equal
-            dilation d in both directions and padding ``d * (k // 2)``, stride 1.
+        weight: ``(C, 1, k, k)`` depthwise kernel, k odd.
+        bias: ``(C,)`` or None.
+        dilation: Dilation d in both directions (the conv's padding is ``d * (k // 2)``).
 
     Returns:
-        ``(B, C, H, W)``, equal to ``conv(x)`` up to float rounding.
+        ``(B, C, H, W)``, equal to the conv's output up to float rounding.
     """
-    d, k = conv.dilation[0], conv.kernel_size[0]
+    d, k = dilation, weight.shape[-1]
     r = k // 2
     _, c, h, w = x.shape
     rh, rw = min(r, math.ceil(h / d) - 1), min(r, math.ceil(w / d) - 1)
     if rh < r or rw < r:
-        weight = conv.weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
+        weight = weight[:, :, r - rh : r + rh + 1, r - rw : r + rw + 1]
         if x.device.type == "cpu":
             # NOTE: oneDNN's dilated depthwise conv is slower on channels_last than on NCHW, and a strided
             # (cropped) weight alone sends it down the channels_last path: make both contiguous
             x, weight = x.contiguous(), weight.contiguous()
-        return depthwise_conv2d(x, weight, conv.bias, (d * rh, d * rw), d)
+        return depthwise_conv2d(x, weight, bias, (d * rh, d * rw), d)
     # space to batch in NHWC (free for a channels_last input; the sub-maps stay channels_last, which oneDNN's
     # depthwise conv prefers on these map sizes)
     pad_b, pad_r = (-h) % d, (-w) % d
@@ -328,7 +347,7 @@ def dilated_dwconv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         xh = F.pad(xh, (0, 0, 0, pad_r, 0, pad_b))
     b, hs, ws = x.shape[0], (h + pad_b) // d, (w + pad_r) // d
     xs = xh.reshape(b, hs, d, ws, d, c).permute(0, 2, 4, 1, 3, 5).reshape(b * d * d, hs, ws, c)
-    y = depthwise_conv2d(xs.permute(0, 3, 1, 2), conv.weight, conv.bias, (r, r)).permute(0, 2, 3, 1)
+    y = depthwise_conv2d(xs.permute(0, 3, 1, 2), weight, bias, (r, r)).permute(0, 2, 3, 1)
     y = y.reshape(b, d, d, hs, ws, c).permute(0, 3, 1, 4, 2, 5).reshape(b, hs * d, ws * d, c)
     return y[:, :h, :w].permute(0, 3, 1, 2)
 
@@ -375,6 +394,8 @@ def _fp16_compute(x: torch.Tensor) -> bool:
     return x.dtype == torch.float16
 
 
+# dtype/autocast-dependent layer-scale fold: an FX leaf
+@register_notrace_module
 class NeXtBlock(_NHWCMlp):
     """ConvNeXt block: dw7x7 -> LN -> Linear(4C) -> GELU -> Linear(C) -> gamma -> drop path -> + x.
 
@@ -407,6 +428,7 @@ class NeXtBlock(_NHWCMlp):
         return x + self.drop_path(self._mlp(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
 
 
+@register_notrace_module
 class FocalNeXtBlock(_NHWCMlp):
     """Focal NeXt ("DNeXt") block of the last encoder level.
 
@@ -420,6 +442,7 @@ class FocalNeXtBlock(_NHWCMlp):
         ls_init_value: Layer-scale init (``None``/0: no layer scale).
         mlp_ratio: Hidden width of the MLP as a multiple of ``dim``.
         dilation: Dilation of the second depth-wise conv.
+        norm2d: Channel norm after each depth-wise conv (LN2d; BatchNorm2d in the segmentation extras).
     """
 
     def __init__(
@@ -429,12 +452,13 @@ class FocalNeXtBlock(_NHWCMlp):
         ls_init_value: float | None = 1e-6,
         mlp_ratio: int = 4,
         dilation: int = 3,
+        norm2d: Callable[[int], nn.Module] = LayerNorm2d,
     ) -> None:
         super().__init__()
-        self.dwconv1 = nn.Sequential(DepthwiseConv2d(dim, kernel_size=7), LayerNorm2d(dim), nn.GELU())
+        self.dwconv1 = nn.Sequential(DepthwiseConv2d(dim, kernel_size=7), norm2d(dim), nn.GELU())
         self.dwconv2 = nn.Sequential(
-            DepthwiseConv2d(dim, kernel_size=7, dilation=dilation),
-            LayerNorm2d(dim),
+            DilatedDepthwiseConv2d(dim, kernel_size=7, dilation=dilation),
+            norm2d(dim),
             nn.GELU(),
         )
         self.pwconv1 = nn.Linear(dim, mlp_ratio * dim)
@@ -445,9 +469,25 @@ class FocalNeXtBlock(_NHWCMlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x + self.dwconv1(x)
-        conv, norm, act = self.dwconv2
-        y = y + act(norm(dilated_dwconv2d(y, conv)))
+        y = y + self.dwconv2(y)
         return x + self.drop_path(self._mlp(y.permute(0, 2, 3, 1)))
+
+
+class NeXtBNBlock(NeXtBlock):
+    """NeXt block with BatchNorm2d (NCHW, before the MLP) in place of the LayerNorm: dw7x7 -> BN -> MLP.
+
+    The block of the released segmentation extras (``norm_cfg=SyncBN`` in the extra encoder pass of CEDHead);
+    a plain ``nn.BatchNorm2d`` so that ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBN.
+    """
+
+    def __init__(
+        self, dim: int, drop_path: float = 0.0, ls_init_value: float | None = 1e-6, mlp_ratio: int = 4
+    ) -> None:
+        super().__init__(dim, drop_path=drop_path, ls_init_value=ls_init_value, mlp_ratio=mlp_ratio)
+        self.norm = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self._mlp(self.norm(self.dwconv(x)).permute(0, 2, 3, 1)))
 
 
 def _next_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
@@ -460,4 +500,25 @@ def _next_focal(dim: int, *, drop_path: float, ls_init_value: float | None, inde
 
 NEXT_FAMILY = register_family(
     BlockFamily(name="next", base_block=_next_base, focal_block=_next_focal, norm2d=LayerNorm2d, act=nn.GELU)
+)
+
+
+def _next_bn_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return NeXtBNBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value)
+
+
+def _next_bn_focal(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+    return FocalNeXtBlock(dim, drop_path=drop_path, ls_init_value=ls_init_value, norm2d=nn.BatchNorm2d)
+
+
+# The NeXt blocks with BatchNorm (SyncBN under DDP) everywhere: the extra encoder pass of the CEDHead
+# segmentation backbone (released ``CEDNetWrapper``, ``extra_norm_cfg=SyncBN``).
+NEXT_BN_FAMILY = register_family(
+    BlockFamily(
+        name="next_bn",
+        base_block=_next_bn_base,
+        focal_block=_next_bn_focal,
+        norm2d=nn.BatchNorm2d,
+        act=nn.GELU,
+    )
 )

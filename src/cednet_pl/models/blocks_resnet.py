@@ -54,7 +54,7 @@ def _conv_bn(
 class Bottleneck(nn.Module):
     """CEDNet ResNet-family base block; NCHW in, NCHW out."""
 
-    focal: bool = False
+    focal = False
 
     def __init__(
         self,
@@ -82,20 +82,25 @@ class Bottleneck(nn.Module):
         self.act = act_layer(inplace=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial part before the 1x1 expansion: conv3x3 + BN + act."""
+        return self.conv1(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
-        if self.focal:
-            y = x + self.conv1(x)
-            y = y + self.dwconv1(y)
-        else:
-            y = self.conv1(x)
-        return self.act(x + self.drop_path(self.conv3(self.conv2(y))))
+        return self.act(x + self.drop_path(self.conv3(self.conv2(self.spatial(x)))))
 
 
 class FocalBottleneck(Bottleneck):
     """CEDNet ResNet-family focal block: residual conv3x3 and residual dilated dw7x7, then the 1x1 MLP."""
 
     focal = True
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual conv3x3 branch, then residual dilated dw7x7 branch (TorchScript compiles only this override,
+        so the base block never refers to ``dwconv1``)."""
+        y = x + self.conv1(x)
+        return y + self.dwconv1(y)
 
 
 def _res_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:

@@ -18,8 +18,20 @@ relative position bias (plus the shifted-window mask) as an additive float mask;
 runs through :func:`dilated_dwconv2d` (an exact, faster rewrite on CPU).
 
 Windows: maps whose sides are not a multiple of the window are zero-padded at the bottom/right after
-``norm1`` (as the released detection backbone does); padded tokens are not masked. A map that fits in a
-single window (e.g. 7x7 at stride 32 for a 224 input) uses no shift, as the released classification model.
+``norm1`` (as the released detection backbone does); padded tokens are not masked.
+
+Shifted windows on a map that fits one window (e.g. 7x7 at stride 32 for a 224 input), two forms:
+
+- ``shift_mode="released"`` (family ``"swin"``, used by ``cednet_swin_tiny``): as the released CEDNet code,
+  the forward cyclic shift (and its mask) is applied only when the (padded) height exceeds the window, but
+  the reverse shift (``torch.roll`` by ``+window // 2``) is always applied. On a one-window map the block's
+  attention output is therefore rolled by ``(3, 3)`` for window 7. The released checkpoints were trained
+  with this behaviour; it is needed to reproduce their logits.
+- ``shift_mode="symmetric"`` (family ``"swin_symmetric"``, e.g.
+  ``timm.create_model("cednet_swin_tiny", family="swin_symmetric")``): neither roll on a map that fits one
+  window (height and width), the textbook Swin behaviour.
+
+The blocks are FX leaves (the shift and padding depend on the map size) and are TorchScript-compatible.
 """
 
 from __future__ import annotations
@@ -27,13 +39,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
+from timm.models import register_notrace_module
 from torch import nn
 
-from cednet_pl.models.blocks import BlockFamily, LayerNorm2d, dilated_dwconv2d, register_family
+from cednet_pl.models.blocks import BlockFamily, DilatedDepthwiseConv2d, LayerNorm2d, register_family
 
 __all__ = [
     "SHIFT_MASK_VALUE",
+    "SHIFT_MODES",
     "SWIN_FAMILY",
+    "SWIN_SYMMETRIC_FAMILY",
     "SwinBlock",
     "SwinFocalBlock",
     "WindowAttention",
@@ -45,6 +60,7 @@ __all__ = [
 
 # Additive mask value between tokens of different regions after the cyclic shift (as the released model).
 SHIFT_MASK_VALUE = -100.0
+SHIFT_MODES = ("released", "symmetric")
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -79,7 +95,12 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
 
 
 def shifted_window_mask(
-    height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
+    height: int,
+    width: int,
+    window_size: int,
+    shift_size: int,
+    device: torch.device | None = None,
+    mask_value: float = SHIFT_MASK_VALUE,
 ) -> torch.Tensor:
     """Additive attention mask for shifted windows on a (padded) ``height x width`` map.
 
@@ -92,9 +113,10 @@ def shifted_window_mask(
         window_size: Window side.
         shift_size: Cyclic shift (0 < shift_size < window_size).
         device: Device of the returned mask.
+        mask_value: Additive value across regions (an argument, not a global: TorchScript).
 
     Returns:
-        Float tensor ``(nW, w*w, w*w)``: 0 within a region, :data:`SHIFT_MASK_VALUE` across regions.
+        Float tensor ``(nW, w*w, w*w)``: 0 within a region, ``mask_value`` across regions.
     """
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
@@ -104,7 +126,7 @@ def shifted_window_mask(
     labels = (region_h[:, None] * 3 + region_w[None, :])[None, :, :, None]  # (1, H, W, 1)
     labels = window_partition(labels, window_size)[0, :, :, 0]  # (nW, N)
     same = labels[:, :, None] == labels[:, None, :]
-    return torch.zeros(same.shape, device=device).masked_fill_(~same, SHIFT_MASK_VALUE)
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, mask_value)
 
 
 class WindowAttention(nn.Module):
@@ -158,6 +180,7 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
 
 
+@register_notrace_module
 class SwinBlock(nn.Module):
     """Swin Transformer block (base block of the Swin family); NCHW in, NCHW out."""
 
@@ -171,6 +194,7 @@ class SwinBlock(nn.Module):
         mlp_ratio: float = 4.0,
         act_layer: type[nn.Module] = nn.GELU,
         norm_eps: float = 1e-6,
+        shift_mode: str = "released",
     ) -> None:
         """Create the block.
 
@@ -183,8 +207,13 @@ class SwinBlock(nn.Module):
             mlp_ratio: Hidden width of the MLP relative to C.
             act_layer: Activation of the MLP (and of the focal branches).
             norm_eps: LayerNorm epsilon.
+            shift_mode: ``"released"`` or ``"symmetric"``: the shift on a map that fits one window (module
+                docstring).
         """
         super().__init__()
+        if shift_mode not in SHIFT_MODES:
+            raise ValueError(f"SwinBlock: shift_mode={shift_mode!r}; expected one of {SHIFT_MODES}")
+        self.shift_mode = shift_mode
         self.dim = dim
         self.window_size = window_size
         self.shift_size = window_size // 2 if index % 2 else 0
@@ -205,14 +234,19 @@ class SwinBlock(nn.Module):
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hp, wp = h + pad_b, w + pad_r
-        shift = self.shift_size if max(hp, wp) > ws else 0
-        mask = None
-        if shift:
-            x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shifted_window_mask(hp, wp, ws, shift, device=x.device)
+        shift = self.shift_size
+        if self.shift_mode == "released":
+            # the released code: forward shift only when H exceeds the window, reverse shift always
+            fwd, rev = shift if hp > ws else 0, shift
+        else:
+            fwd = rev = shift if max(hp, wp) > ws else 0
+        mask: torch.Tensor | None = None
+        if fwd > 0:
+            x = torch.roll(x, shifts=(-fwd, -fwd), dims=(1, 2))
+            mask = shifted_window_mask(hp, wp, ws, fwd, device=x.device)
         x = window_reverse(self.attn(window_partition(x, ws), mask), ws, hp, wp)
-        if shift:
-            x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+        if rev > 0:
+            x = torch.roll(x, shifts=(rev, rev), dims=(1, 2))
         if pad_b or pad_r:
             x = x[:, :h, :w, :]
         return x
@@ -228,6 +262,7 @@ class SwinBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
+@register_notrace_module
 class SwinFocalBlock(SwinBlock):
     """Swin focal block: window attention and a dilated dw7x7, each followed by LN + act, each residual."""
 
@@ -242,6 +277,7 @@ class SwinFocalBlock(SwinBlock):
         act_layer: type[nn.Module] = nn.GELU,
         norm_eps: float = 1e-6,
         dilation: int = 3,
+        shift_mode: str = "released",
     ) -> None:
         """Create the block.
 
@@ -255,28 +291,34 @@ class SwinFocalBlock(SwinBlock):
             act_layer: Activation.
             norm_eps: LayerNorm epsilon.
             dilation: Dilation of the depthwise 7x7 conv (3 in the released models).
+            shift_mode: See :class:`SwinBlock`.
         """
-        super().__init__(dim, drop_path, index, window_size, head_dim, mlp_ratio, act_layer, norm_eps)
+        super().__init__(
+            dim, drop_path, index, window_size, head_dim, mlp_ratio, act_layer, norm_eps, shift_mode
+        )
         self.norm_act1 = nn.Sequential(nn.LayerNorm(dim, eps=norm_eps), act_layer())
-        self.dwconv2 = nn.Conv2d(dim, dim, kernel_size=7, padding=3 * dilation, dilation=dilation, groups=dim)
+        self.dwconv2 = DilatedDepthwiseConv2d(dim, kernel_size=7, dilation=dilation)
         self.norm_act2 = nn.Sequential(nn.LayerNorm(dim, eps=norm_eps), act_layer())
 
     def token_mixer(self, x: torch.Tensor) -> torch.Tensor:
         """Attention branch and dilated-conv branch, both residual on the normalised input."""
         y = self.norm1(x)
         y = y + self.norm_act1(self.window_attention(y))
-        y = y + self.norm_act2(dilated_dwconv2d(y.permute(0, 3, 1, 2), self.dwconv2).permute(0, 2, 3, 1))
+        y = y + self.norm_act2(self.dwconv2(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return x + self.drop_path(y)
 
 
-def _swin_base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
-    return SwinBlock(dim, drop_path=drop_path, index=index)
+def _swin_family(name: str, shift_mode: str) -> BlockFamily:
+    def base(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+        return SwinBlock(dim, drop_path=drop_path, index=index, shift_mode=shift_mode)
+
+    def focal(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
+        return SwinFocalBlock(dim, drop_path=drop_path, index=index, shift_mode=shift_mode)
+
+    return register_family(
+        BlockFamily(name=name, base_block=base, focal_block=focal, norm2d=LayerNorm2d, act=nn.GELU)
+    )
 
 
-def _swin_focal(dim: int, *, drop_path: float, ls_init_value: float | None, index: int) -> nn.Module:
-    return SwinFocalBlock(dim, drop_path=drop_path, index=index)
-
-
-SWIN_FAMILY = register_family(
-    BlockFamily(name="swin", base_block=_swin_base, focal_block=_swin_focal, norm2d=LayerNorm2d, act=nn.GELU)
-)
+SWIN_FAMILY = _swin_family("swin", "released")
+SWIN_SYMMETRIC_FAMILY = _swin_family("swin_symmetric", "symmetric")

@@ -20,10 +20,9 @@ Layout (224x224 input)::
       -> per stage head on c5: final_layers.s (conv1x1 + norm + act) -> pool -> norms.s -> heads.s
 """
 
-from __future__ import annotations
-
+import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +47,7 @@ from cednet_pl.models.checkpoint import (
     local_file_overlay,
     unwrap_state_dict,
 )
+from cednet_pl.models.factory import build_on_device
 
 __all__ = [
     "DECODERS",
@@ -59,16 +59,50 @@ __all__ = [
 ]
 
 
+_logger = logging.getLogger(__name__)
+
 DECODERS = ("lightweight", "unet", "hourglass", "fpnconv")
 _POOL_TYPES = ("", "avg", "max", "avgmax")
 _HEAD_PREFIXES = ("final_layers", "norms", "heads")
 
 
 def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Run a sequence of blocks, checkpointing each one when asked (and when autograd is on)."""
-    if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+    """Run the modules of ``blocks`` one after another (not the container's own ``forward``), each checkpointed when
+    asked and autograd is on. Eager only: scriptable callers check ``not torch.jit.is_scripting()`` first, the idiom
+    TorchScript compiles away."""
+    if grad_checkpointing and torch.is_grad_enabled():
         return checkpoint_seq(blocks, x, use_reentrant=False)
-    return blocks(x)
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+class CEDNetStage(nn.Sequential):
+    """One cascade stage (``stages.1`` ..): encoder, then decoder (all but the last stage); ``list[Tensor]`` in and
+    out (c3, c4, c5), typed for TorchScript."""
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        for module in self:
+            feats = module(feats)
+        return feats
+
+
+class CEDNetP2Stage(nn.Sequential):
+    """Stem output -> P2 blocks -> conv2x2 s2 downsample (``stages.0``); takes and returns a one-entry feature
+    list, so every stage of the cascade has the same ``list[Tensor] -> list[Tensor]`` signature (TorchScript)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__(*modules)
+        self.grad_checkpointing = False
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        x = feats[0]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = _run_blocks(self, x, True)
+        else:
+            for module in self:
+                x = module(x)
+        return [x]
 
 
 def _conv_norm(
@@ -125,17 +159,23 @@ class CEDNetEncoder(nn.Module):
             [_conv_norm(dims[i], dims[i + 1], 2, 2, family) for i in range(len(dims) - 1)]
         )
 
-    def forward(self, feats: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         x = feats[0]
-        outs = []
+        outs: list[torch.Tensor] = []
+        # ModuleLists are indexed by literals only (TorchScript): the two downsamples are spelled out
         for level, blocks in enumerate(self.encoder):
-            if level > 0:
-                x = self.encoder_downsample[level - 1](x)
-                if self.fuse_prev and len(feats) > level:
-                    x = x + feats[level]
-            x = _run_blocks(blocks, x, self.grad_checkpointing)
+            if level == 1:
+                x = self.encoder_downsample[0](x)
+            elif level == 2:
+                x = self.encoder_downsample[1](x)
+            if level > 0 and self.fuse_prev and len(feats) > level:
+                x = x + feats[level]
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _run_blocks(blocks, x, True)
+            else:
+                x = blocks(x)
             outs.append(x)
-        return outs[0], outs[1], outs[2]
+        return outs
 
 
 class CEDNetDecoder(nn.Module):
@@ -190,40 +230,43 @@ class CEDNetDecoder(nn.Module):
                         ]
                     )
                 )
-        self.lateral = nn.ModuleList(lateral) if lateral else None
-        self.decoder = nn.ModuleList(decoder) if decoder else None
+        # Placeholders without parameters where a variant has no lateral / decoder blocks (same state_dict), so the
+        # forward zips four equally long ModuleLists (TorchScript indexes ModuleLists by literals only)
+        self.lateral = nn.ModuleList(lateral or [nn.Identity(), nn.Identity()])
+        self.decoder = nn.ModuleList(decoder or [nn.Sequential(), nn.Sequential()])
         self.decoder_conv = (
             nn.ModuleList([_conv_norm(d, d, 3, 1, family, padding=1) for d in dims])
             if kind == "fpnconv"
             else None
         )
 
-    def forward(
-        self, feats: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         outs = list(feats)
         x = outs[2]
-        for i, lvl in enumerate((1, 0)):
-            skip = outs[lvl]
-            if self.lateral is not None:
-                skip = self.lateral[i](skip)
-            up = F.interpolate(
-                self.decoder_upsample[i](x), size=skip.shape[-2:], mode="bilinear", align_corners=False
-            )
-            x = self.decoder_norm[i](skip + up)
-            if self.decoder is not None:
-                x = _run_blocks(self.decoder[i], x, self.grad_checkpointing)
+        for i, (upsample, norm, lateral, blocks) in enumerate(
+            zip(self.decoder_upsample, self.decoder_norm, self.lateral, self.decoder)  # noqa: B905 (TorchScript)
+        ):
+            lvl = 1 - i  # top-down: c4, then c3
+            skip = lateral(outs[lvl])
+            up = F.interpolate(upsample(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = norm(skip + up)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = _run_blocks(blocks, x, True)
+            else:
+                x = blocks(x)
             outs[lvl] = x
         if self.decoder_conv is not None:
-            outs = [conv(o) for conv, o in zip(self.decoder_conv, outs, strict=True)]
-        return outs[0], outs[1], outs[2]
+            for i, conv in enumerate(self.decoder_conv):
+                outs[i] = conv(outs[i])
+        return outs
 
 
 class CEDNet(nn.Module):
     """CEDNet classifier/backbone (timm model contract).
 
-    ``forward`` returns the last stage's logits (train and eval); ``forward_stage_logits`` returns
-    every cascade stage's logits for deep supervision.
+    ``forward`` returns the last stage's logits (train and eval). By default only the last stage's head is
+    built (the inference model, Table A1's parameter count); with ``aux_heads=True`` every cascade stage gets its
+    head and ``forward_stage_logits`` returns every stage's logits for deep supervision.
 
     Args:
         in_chans: Input channels.
@@ -244,6 +287,9 @@ class CEDNet(nn.Module):
         stem_dim: Width of the first stem conv.
         with_heads: False builds the backbone only (no ``final_layers``/``norms``/``heads``; used for
             ``features_only``, so that backbone-only checkpoints load).
+        aux_heads: Also build the heads of all but the last stage (training-only, deep supervision). Without
+            them their ModuleList slots hold parameter-free placeholders, so the last head keeps its released
+            name (``heads.{num_stages - 1}``).
     """
 
     def __init__(
@@ -265,6 +311,7 @@ class CEDNet(nn.Module):
         head_hidden: int = 2048,
         stem_dim: int = 32,
         with_heads: bool = True,
+        aux_heads: bool = False,
     ) -> None:
         super().__init__()
         if decoder not in DECODERS:
@@ -278,6 +325,8 @@ class CEDNet(nn.Module):
         dims = tuple(int(d) for d in dims)
         blocks = tuple(int(b) for b in blocks)
         self.family = fam.name
+        self.in_chans = in_chans
+        self.aux_heads = bool(aux_heads and with_heads)
         self.num_classes = num_classes if with_heads else 0
         self.num_stages = num_stages
         self.decoder_kind = decoder
@@ -315,21 +364,25 @@ class CEDNet(nn.Module):
             fam.base_block(p2_dim, drop_path=r, ls_init_value=ls_init_value, index=i)
             for i, r in enumerate(take(p2_block))
         ]
-        self.stages = nn.ModuleList([nn.Sequential(*p2, _conv_norm(p2_dim, dims[0], 2, 2, fam))])
+        self.stages = nn.ModuleList([CEDNetP2Stage(*p2, _conv_norm(p2_dim, dims[0], 2, 2, fam))])
         for s in range(num_stages):
             stage = [CEDNetEncoder(fam, dims, enc_depths, take(n_enc), ls_init_value, decoder == "fpnconv")]
             if s < num_stages - 1:
                 stage.append(CEDNetDecoder(fam, dims, decoder, dec_depths, take(n_dec), ls_init_value))
-            self.stages.append(nn.Sequential(*stage))
+            self.stages.append(CEDNetStage(*stage))
 
-        n_heads = num_stages if with_heads else 0
+        built = self._built_heads(with_heads)
         self.final_layers = nn.ModuleList(
             [
                 nn.Sequential(PointwiseConv2d(dims[2], head_hidden), fam.norm2d(head_hidden), fam.act())
-                for _ in range(n_heads)
+                if b
+                else nn.Identity()
+                for b in built
             ]
         )
-        self.norms = nn.ModuleList([nn.LayerNorm(head_hidden, eps=1e-6) for _ in range(n_heads)])
+        self.norms = nn.ModuleList(
+            [nn.LayerNorm(head_hidden, eps=1e-6) if b else nn.Identity() for b in built]
+        )
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.heads = self._make_heads(self.num_classes) if with_heads else nn.ModuleList()
@@ -344,11 +397,17 @@ class CEDNet(nn.Module):
         self.head_init_scale = head_init_scale
         self._init_heads(head_init_scale)
 
+    def _built_heads(self, with_heads: bool = True) -> list[bool]:
+        """Per stage: whether its head is built (last stage always, the others with ``aux_heads``)."""
+        if not with_heads:
+            return []
+        return [self.aux_heads or s == self.num_stages - 1 for s in range(self.num_stages)]
+
     def _make_heads(self, num_classes: int) -> nn.ModuleList:
         return nn.ModuleList(
             [
-                nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-                for _ in range(self.num_stages)
+                nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 and b else nn.Identity()
+                for b in self._built_heads()
             ]
         )
 
@@ -378,7 +437,7 @@ class CEDNet(nn.Module):
         """Checkpoint every block (recomputed in backward; outputs unchanged)."""
         self.grad_checkpointing = enable
         for module in self.modules():
-            if isinstance(module, (CEDNetEncoder, CEDNetDecoder)):
+            if isinstance(module, (CEDNetP2Stage, CEDNetEncoder, CEDNetDecoder)):
                 module.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -403,8 +462,8 @@ class CEDNet(nn.Module):
         else:
             _check_pool(self.global_pool.pool_type)
         self.num_classes = num_classes
-        device = self.final_layers[0][0].weight.device
-        self.heads = self._make_heads(num_classes).to(device)
+        ref = self.final_layers[-1][0].weight
+        self.heads = self._make_heads(num_classes).to(device=ref.device, dtype=ref.dtype).train(self.training)
         self._init_heads(self.head_init_scale)
 
     def prune_intermediate_layers(
@@ -420,31 +479,42 @@ class CEDNet(nn.Module):
         return take
 
     # ------------------------------------------------------------------ forward paths
-    def _stage_outputs(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield the (c3, c4, c5) output of every cascade stage in order."""
-        x = self.stem(x)
-        feats: tuple[torch.Tensor, ...] = (_run_blocks(self.stages[0], x, self.grad_checkpointing),)
-        for stage in self.stages[1:]:
+    def _cascade(self, x: torch.Tensor, every_stage: bool = False) -> list[list[torch.Tensor]]:
+        """(c3, c4, c5) of the last cascade stage, or of every stage in order (``every_stage``)."""
+        feats: list[torch.Tensor] = [self.stem(x)]
+        outs: list[list[torch.Tensor]] = []
+        for i, stage in enumerate(self.stages):
             feats = stage(feats)
-            yield feats  # type: ignore[misc]
+            if every_stage and i > 0:
+                outs.append(feats)
+        if not every_stage:
+            outs.append(feats)
+        return outs
 
-    def _last_stage(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        *_, last = self._stage_outputs(x)
-        return last
+    def _last_stage(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._cascade(x)[0]
 
-    def _head(self, s: int, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def _check_heads(self) -> None:
         if len(self.final_layers) == 0:
             raise RuntimeError(
                 "this CEDNet has no heads (features_only / with_heads=False); no classifier output"
             )
-        x = self.global_pool(self.final_layers[s](x))
-        dense = x.ndim == 4
+
+    def _norm_head(self, x: torch.Tensor, norm: nn.Module, head: nn.Module, pre_logits: bool) -> torch.Tensor:
+        """LayerNorm (channels last), dropout and classifier on the pooled (B, C) or unpooled (B, C, H, W) map."""
+        dense = self.global_pool.is_identity()
         if dense:
             x = x.permute(0, 2, 3, 1)
-        x = self.head_drop(self.norms[s](x))
+        x = self.head_drop(norm(x))
         if not pre_logits:
-            x = self.heads[s](x)
+            x = head(x)
         return x.permute(0, 3, 1, 2) if dense else x
+
+    @torch.jit.unused
+    def _stage_head(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """Logits of stage ``s`` (eager: ModuleLists indexed by a variable)."""
+        x = self.global_pool(self.final_layers[s](x))
+        return self._norm_head(x, self.norms[s], self.heads[s], False)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage's c5 (stride 32, ``num_features`` channels), unpooled NCHW."""
@@ -452,14 +522,37 @@ class CEDNet(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Last stage's head on c5: conv1x1 + norm + act, pool, LayerNorm, (dropout,) classifier."""
-        return self._head(self.num_stages - 1, x, pre_logits)
+        self._check_heads()
+        x = self.global_pool(self.final_layers[-1](x))
+        dense = self.global_pool.is_identity()
+        if dense:
+            x = x.permute(0, 2, 3, 1)
+        x = self.head_drop(self.norms[-1](x))
+        if not pre_logits:
+            x = self.heads[-1](x)
+        return x.permute(0, 3, 1, 2) if dense else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.unused
     def forward_stage_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every cascade stage (deep supervision); the last equals ``forward(x)``."""
-        return [self._head(s, feats[2]) for s, feats in enumerate(self._stage_outputs(x))]
+        """Logits of every cascade stage (deep supervision); the last equals ``forward(x)``.
+
+        Raises:
+            RuntimeError: the model was built without ``aux_heads=True``.
+        """
+        self._check_heads()
+        if not self.aux_heads:
+            raise RuntimeError(
+                "forward_stage_logits needs the auxiliary stage heads: create the model with aux_heads=True "
+                "(timm.create_model(name, aux_heads=True); the classification module does this when "
+                "deep_supervision is on)"
+            )
+        stages = self._cascade(x, every_stage=True)
+        return [self._stage_head(s, f[2]) for s, f in enumerate(stages[:-1])] + [
+            self.forward_head(stages[-1][2])
+        ]
 
     def forward_intermediates(
         self,
@@ -501,11 +594,10 @@ class CEDNet(nn.Module):
                 out.extend(level)
             if len(stage) > 1:
                 dec = stage[1]
-                for i in range(2):
-                    if dec.lateral is not None:
-                        out.append(dec.lateral[i])
-                    if dec.decoder is not None:
-                        out.extend(dec.decoder[i])
+                for lateral, blocks in zip(dec.lateral, dec.decoder, strict=True):
+                    if not isinstance(lateral, nn.Identity):
+                        out.append(lateral)
+                    out.extend(blocks)
         return out
 
 
@@ -556,6 +648,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     - checkpoint wrappers are removed (see :func:`unwrap_state_dict`);
     - head groups (``final_layers``/``norms``/``heads``) the model does not have (``features_only``,
       ``num_classes=0``) are dropped;
+    - the auxiliary (non-last) stage heads are dropped, with a logged note, when the model was built without
+      them (``aux_heads=False``, the default);
     - if the classifier shapes differ (other ``num_classes``), all ``heads.*`` are dropped with a warning
       and keep their fresh init;
     - if the checkpoint has only the last stage's head (``--inference-only``), the auxiliary heads
@@ -572,6 +666,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dic
     for prefix in _HEAD_PREFIXES:
         if not any(k.startswith(prefix + ".") for k in expected):
             sd = {k: v for k, v in sd.items() if not k.startswith(prefix + ".")}
+
+    if not getattr(model, "aux_heads", True):
+        aux = [k for k in sd if (st := _head_stage(k)) is not None and st < num_stages - 1]
+        if aux:
+            _logger.info(
+                "%s: the checkpoint carries the auxiliary stage heads (%d tensors, e.g. %s); the model was built "
+                "without them (aux_heads=False), so they are not loaded",
+                variant,
+                len(aux),
+                aux[0],
+            )
+            sd = {k: v for k, v in sd.items() if k not in set(aux)}
 
     head_keys = [k for k in sd if k.startswith("heads.") and k in expected]
     # Another num_classes changes only the classifiers' output dimension (dim 0).
@@ -625,14 +731,17 @@ CEDNet.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 def _create_cednet(variant: str, pretrained: bool = False, **kwargs: Any) -> CEDNet:
     if kwargs.get("features_only"):
         kwargs.setdefault("with_heads", False)
-    return build_model_with_cfg(
-        CEDNet,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=local_file_overlay(kwargs),
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
-        **kwargs,
+    return build_on_device(
+        lambda **kw: build_model_with_cfg(
+            CEDNet,
+            variant,
+            pretrained,
+            pretrained_cfg_overlay=local_file_overlay(kw),
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2), feature_cls="getter"),
+            **kw,
+        ),
+        kwargs,
     )
 
 

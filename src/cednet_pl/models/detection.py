@@ -76,9 +76,12 @@ __all__ = [
     "MaskRCNNDetector",
     "RetinaNetDetector",
     "TimmFPNBackbone",
+    "TimmTrunk",
     "build_maskrcnn",
     "build_retinanet",
+    "load_cednet_trunk",
     "load_classification_state_dict",
+    "load_timm_trunk",
     "prefixed_group_matcher",
 ]
 
@@ -102,7 +105,7 @@ def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file is a detection checkpoint, or cannot be read (see ``read_checkpoint``).
+        ValueError: The file is a detection or segmentation checkpoint, or cannot be read (see ``read_checkpoint``).
         RuntimeError: The file holds no state_dict.
     """
     path = os.fspath(path)
@@ -115,7 +118,37 @@ def load_classification_state_dict(path: str | os.PathLike) -> dict[str, Tensor]
             f"{path} is a detection checkpoint ({kind or target}); a detection backbone loads the trunk of "
             "a classification checkpoint (a cednet-train classification .ckpt or a released .pth)"
         )
+    if target.endswith("SegmentationModule") or any(k.startswith("net.decode_head.") for k in state):
+        raise ValueError(
+            f"{path} is a segmentation checkpoint; a backbone loads the trunk of a classification "
+            "checkpoint (a cednet-train classification .ckpt or a released .pth)"
+        )
     return unwrap_state_dict(ckpt, source=path)
+
+
+def load_cednet_trunk(trunk: nn.Module, path: str | os.PathLike, model_name: str) -> None:
+    """Load a CEDNet trunk (no heads) from a classification checkpoint; heads dropped, anything else must match."""
+    sd = load_classification_state_dict(path)
+    try:
+        sd = checkpoint_filter_fn(sd, trunk)
+    except RuntimeError as err:
+        raise RuntimeError(f"backbone checkpoint {path} does not fit {model_name}: {err}") from err
+    trunk.load_state_dict(sd, strict=True)
+    log.info("loaded the %s trunk from %s (%d tensors)", model_name, path, len(sd))
+
+
+def load_timm_trunk(trunk: nn.Module, path: str | os.PathLike, model_name: str) -> None:
+    """Load a timm trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
+    sd = load_classification_state_dict(path)
+    expected = trunk.state_dict()
+    missing = [k for k in expected if k not in sd]
+    mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or mismatched:
+        raise RuntimeError(
+            f"backbone checkpoint {path} does not fit {model_name}: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
+        )
+    trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
 
 
 def prefixed_group_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -250,14 +283,7 @@ class CEDNetPyramid(nn.Module):
 
     def load_trunk(self, path: str | os.PathLike) -> None:
         """Load the trunk from a classification checkpoint; heads are dropped, anything else must match."""
-        sd = load_classification_state_dict(path)
-        trunk = self.trunk
-        try:
-            sd = checkpoint_filter_fn(sd, trunk)
-        except RuntimeError as err:
-            raise RuntimeError(f"backbone checkpoint {path} does not fit {self.model_name}: {err}") from err
-        trunk.load_state_dict(sd, strict=True)
-        log.info("loaded the %s trunk from %s (%d tensors)", self.model_name, path, len(sd))
+        load_cednet_trunk(self.trunk, path, self.model_name)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer-decay groups (timm convention): ``stem`` -> 0, ``stages.i`` -> i + 1; the neck joins the top."""
@@ -276,7 +302,54 @@ class CEDNetPyramid(nn.Module):
         return OrderedDict(zip(self.level_names, feats, strict=True))
 
 
-class TimmFPNBackbone(nn.Module):
+class TimmTrunk(nn.Module):
+    """A timm ``features_only`` trunk (``body``) with classification-checkpoint loading and layer-decay groups.
+
+    Args:
+        model_name: timm model, e.g. ``convnext_tiny`` or ``swin_tiny_patch4_window7_224``.
+        pretrained: False/None (random), True (timm's pretrained weights, needs the network) or a path to a
+            classification checkpoint to load into the trunk.
+        drop_path_rate: Stochastic depth of the trunk.
+        out_indices: Trunk feature indices.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``strict_img_size=False`` for Swin).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool | str | None,
+        drop_path_rate: float,
+        out_indices: Sequence[int],
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.model_name = model_name
+        self.body = timm.create_model(
+            model_name,
+            pretrained=pretrained is True,
+            features_only=True,
+            feature_cls="getter",
+            out_indices=tuple(out_indices),
+            drop_path_rate=drop_path_rate,
+            **model_kwargs,
+        )
+        if isinstance(pretrained, str | os.PathLike) and pretrained:
+            self.load_trunk(pretrained)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return _trunk(self.body)
+
+    def load_trunk(self, path: str | os.PathLike) -> None:
+        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
+        load_timm_trunk(self.trunk, path, self.model_name)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Layer-decay groups from the trunk's coarse ``group_matcher``; what follows the trunk joins the top."""
+        return _trunk_group_matcher(self.body)
+
+
+class TimmFPNBackbone(TimmTrunk):
     """A timm ``features_only`` trunk + torchvision FPN: C3-C5 + P6/P7 from C5 (P3-P7) or C2-C5 + max-pool P6.
 
     Args:
@@ -302,17 +375,7 @@ class TimmFPNBackbone(nn.Module):
         extra_levels: str = "p6p7",
         **model_kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.model_name = model_name
-        self.body = timm.create_model(
-            model_name,
-            pretrained=pretrained is True,
-            features_only=True,
-            feature_cls="getter",
-            out_indices=tuple(out_indices),
-            drop_path_rate=drop_path_rate,
-            **model_kwargs,
-        )
+        super().__init__(model_name, pretrained, drop_path_rate, out_indices, **model_kwargs)
         reductions = list(self.body.feature_info.reduction())
         if reductions not in ([8, 16, 32], [4, 8, 16, 32]):
             raise ValueError(
@@ -328,29 +391,6 @@ class TimmFPNBackbone(nn.Module):
         self.strides = reductions + [64, 128][: 2 if extra_levels == "p6p7" else 1]
         self.num_levels = len(self.strides)
         self.level_names = _level_names(self.strides)
-        if isinstance(pretrained, str | os.PathLike) and pretrained:
-            self.load_trunk(pretrained)
-
-    @property
-    def trunk(self) -> nn.Module:
-        return _trunk(self.body)
-
-    def load_trunk(self, path: str | os.PathLike) -> None:
-        """Load the trunk from a classification state_dict; keys the pruned trunk lacks (head) are ignored."""
-        sd = load_classification_state_dict(path)
-        expected = self.trunk.state_dict()
-        missing = [k for k in expected if k not in sd]
-        mismatched = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-        if missing or mismatched:
-            raise RuntimeError(
-                f"backbone checkpoint {path} does not fit {self.model_name}: {len(missing)} missing keys "
-                f"{missing[:5]}, {len(mismatched)} shape mismatches {mismatched[:5]}"
-            )
-        self.trunk.load_state_dict({k: sd[k] for k in expected}, strict=True)
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Layer-decay groups from the trunk's coarse ``group_matcher``; the FPN joins the top."""
-        return _trunk_group_matcher(self.body)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         feats = self.body(x)

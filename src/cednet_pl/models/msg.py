@@ -31,8 +31,6 @@ Training detail kept from the official code: its ``no_weight_decay`` names ``msg
 not (``no_weight_decay_keywords``).
 """
 
-from __future__ import annotations
-
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -60,6 +58,7 @@ from cednet_pl.models.checkpoint import (
     local_file_overlay,
     unwrap_state_dict,
 )
+from cednet_pl.models.factory import build_on_device
 
 __all__ = [
     "MSGAttention",
@@ -378,6 +377,7 @@ class MSGTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self.msg_tokens = nn.Parameter(torch.zeros(1, self.shuffle_size[0] ** 2, 1, embed_dim))
+        self.in_chans = in_chans  # timm contract attribute
         self.patch_embed = MSGPatchEmbed(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -451,8 +451,10 @@ class MSGTransformer(nn.Module):
             _check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else self.msg_tokens.device
-        self.head = nn.Linear(self.num_features, num_classes).to(device) if num_classes > 0 else nn.Identity()
+        ref = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else self.msg_tokens
+        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # the model's device and dtype, and its train/eval mode (timm's reset_classifier contract)
+        self.head = head.to(device=ref.device, dtype=ref.dtype).train(self.training)
         named_apply(_init_weights, self.head)
 
     def prune_intermediate_layers(
@@ -606,14 +608,17 @@ MSGTransformer.load_pretrained = _load_pretrained_file  # type: ignore[attr-defi
 
 # ---------------------------------------------------------------------- registration
 def _create_msg(variant: str, pretrained: bool = False, **kwargs: Any) -> MSGTransformer:
-    return build_model_with_cfg(
-        MSGTransformer,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=local_file_overlay(kwargs),
-        pretrained_filter_fn=msg_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+    return build_on_device(  # timm's device/dtype factory keywords
+        lambda **kw: build_model_with_cfg(
+            MSGTransformer,
+            variant,
+            pretrained,
+            pretrained_cfg_overlay=local_file_overlay(kw),
+            pretrained_filter_fn=msg_checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+            **kw,
+        ),
+        kwargs,
     )
 
 

@@ -20,8 +20,6 @@ only its outputs; backward rebuilds the column's inputs from its outputs (``(c_n
 replaying drop path's RNG and the autocast state, and backpropagates one level at a time.
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import warnings
@@ -44,6 +42,7 @@ from cednet_pl.models.checkpoint import (
     local_file_overlay,
     unwrap_state_dict,
 )
+from cednet_pl.models.factory import build_on_device
 
 __all__ = ["REVCOL_AUX_PREFIXES", "RevCol", "revcol_checkpoint_filter_fn"]
 
@@ -419,6 +418,7 @@ class RevCol(nn.Module):
         _check_pool(global_pool)
         self.dims, self.depths = dims, depths
         self.num_columns = num_columns
+        self.in_chans = in_chans  # timm contract attribute
         self.num_classes = num_classes if with_heads else 0
         self.num_features = self.head_hidden_size = dims[3]
         self.drop_rate = drop_rate
@@ -492,7 +492,10 @@ class RevCol(nn.Module):
                 if global_pool is not None:
                     head.set_pool(global_pool)
                 linear = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-                head.classifier[1] = linear.to(head.classifier[0].weight.device)
+                ref = head.classifier[
+                    0
+                ].weight  # the model's device, dtype and train/eval mode (timm contract)
+                head.classifier[1] = linear.to(device=ref.device, dtype=ref.dtype).train(self.training)
                 linear.apply(_init_weights)
 
     def prune_intermediate_layers(
@@ -678,14 +681,17 @@ RevCol.load_pretrained = _load_pretrained_file  # type: ignore[attr-defined]
 def _create_revcol(variant: str, pretrained: bool = False, **kwargs: Any) -> RevCol:
     if kwargs.get("features_only"):
         kwargs.setdefault("with_heads", False)
-    return build_model_with_cfg(
-        RevCol,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=local_file_overlay(kwargs),
-        pretrained_filter_fn=revcol_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+    return build_on_device(  # timm's device/dtype factory keywords
+        lambda **kw: build_model_with_cfg(
+            RevCol,
+            variant,
+            pretrained,
+            pretrained_cfg_overlay=local_file_overlay(kw),
+            pretrained_filter_fn=revcol_checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+            **kw,
+        ),
+        kwargs,
     )
 
 
