@@ -252,11 +252,10 @@ class DetectionModule(L.LightningModule):
     monitor = "val/map"
     monitor_mode = "max"
     task = "detection"
-    #: The detector a checkpoint of this task holds (see ``detector_kind_of``) and the target keys it trains on.
-    detector_kind = "retinanet"
     #: state-dict prefix and name of the detector's head (the wrong-task check of a checkpoint)
     head_prefix = "net.head."
     head_name = "RetinaNet head"
+    #: the target keys the detector trains on
     target_keys: tuple[str, ...] = ("boxes", "labels")
     #: the detector's losses (keys of its loss dict without a ``loss_`` prefix), logged as ``<split>/loss_<name>``
     loss_names: tuple[str, ...] = ("classification", "bbox_regression")

@@ -33,7 +33,6 @@ class InstanceSegmentationModule(DetectionModule):
     ``data.with_masks=true``)."""
 
     task = "instance_segmentation"
-    detector_kind = "maskrcnn"
     head_prefix = "net.roi_heads."
     head_name = "Mask R-CNN RoI heads"
     target_keys = ("boxes", "labels", "masks")
