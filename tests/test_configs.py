@@ -20,7 +20,7 @@ IN1K_EXPERIMENTS = [e for e in EXPERIMENTS if e != "cls_digits"]
 CLS_MODELS = sorted(
     p.stem
     for p in (CONF_DIR / "model").glob("*.yaml")
-    if not p.stem.startswith(("retinanet", "classifier", "seg"))
+    if not p.stem.startswith(("retinanet", "maskrcnn", "classifier", "seg"))
 )
 
 

@@ -15,6 +15,20 @@ from PIL import Image
 
 from cednet_pl.utils.run import CONF_DIR
 
+#: Overrides that shrink the embedded detection set (det_demo/ins_demo) to 4 + 4 canvases of 128 px.
+TINY_DET_DATA = [
+    "data.num_train=4",
+    "data.num_val=4",
+    "data.image_size=128",
+    "data.train_size=128",
+    "data.test_min_size=128",
+    "data.test_max_size=128",
+    "data.digit_size=[20,40]",
+    "data.num_digits=[1,3]",
+    "data.batch_size=2",
+    "data.val_batch_size=4",
+]
+
 #: Overrides that make any composed run small and quiet on a CPU-only machine.
 #: a tiny but complete digits run (cednet_next_nano with EMA): 2 train batches, 2 val batches, 32x32 images
 TINY_TRAIN = [
@@ -122,3 +136,42 @@ TINY_DET = [
     "callbacks.progress_bar=null",
     "extras.print_config=false",
 ]
+
+
+def annotations_by_image(ann_file):
+    """``(sorted category ids, {image id: [annotations]})`` of a COCO file (every image, possibly empty)."""
+    data = json.loads(ann_file.read_text())
+    per_image = {im["id"]: [] for im in data["images"]}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    return sorted(c["id"] for c in data["categories"]), per_image
+
+
+def perturbed_predictions(ann_file, seed, predict, false_positive):
+    """Predictions from a COCO file's ground truth: per object (10% missed) ``predict(ann, rng)``, 15% with a
+    wrong label, random scores; 0-2 ``false_positive(rng)`` per image with lower scores.
+
+    Returns:
+        ``(cat_ids, image_ids, [(predictions, scores, contiguous labels) per image])``.
+    """
+    import random
+
+    rng = random.Random(seed)
+    cat_ids, per_image = annotations_by_image(ann_file)
+    image_ids, out = [], []
+    for image_id, anns in per_image.items():
+        preds, scores, labels = [], [], []
+        for ann in anns:
+            if rng.random() < 0.1:
+                continue
+            preds.append(predict(ann, rng))
+            wrong = rng.random() < 0.15
+            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
+            scores.append(rng.random())
+        for _ in range(rng.randrange(3)):
+            preds.append(false_positive(rng))
+            labels.append(rng.randrange(10))
+            scores.append(rng.random() * 0.5)
+        image_ids.append(image_id)
+        out.append((preds, scores, labels))
+    return cat_ids, image_ids, out

@@ -17,7 +17,7 @@ from cednet_pl.lit.detection import DetectionModule
 SIZE = 64
 
 
-def tiny_datamodule(root: Path) -> SyntheticDetDataModule:
+def tiny_datamodule(root: Path, **kwargs) -> SyntheticDetDataModule:
     return SyntheticDetDataModule(
         root=str(root),
         num_train=4,
@@ -36,6 +36,7 @@ def tiny_datamodule(root: Path) -> SyntheticDetDataModule:
         test_min_size=SIZE,
         test_max_size=SIZE,
         size_divisible=32,
+        **kwargs,
     )
 
 
@@ -88,7 +89,7 @@ def det_root(tmp_path_factory) -> Path:
 def tiny(det_root):
     """Factories of the tiny setup: ``tiny.datamodule()``, ``tiny.detector(seed)``, ``tiny.trainer(dir, cbs)``."""
     return SimpleNamespace(
-        datamodule=lambda: tiny_datamodule(det_root),
+        datamodule=lambda **kwargs: tiny_datamodule(det_root, **kwargs),
         detector=tiny_detector,
         trainer=make_trainer,
         root=det_root,

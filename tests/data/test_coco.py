@@ -173,3 +173,93 @@ def test_copy_paste_updates_occluded_boxes_and_drops_hidden_objects():
     assert boxes == {1: [0.0, 0.0, 5.0, 10.0], 3: [5.0, 0.0, 20.0, 10.0], 4: [11.0, 11.0, 17.0, 17.0]}
     assert int(image[0, 5, 7]) == 200 and int(image[0, 5, 2]) == 0 and int(image[0, 18, 18]) == 0
     assert len(target["masks"]) == len(target["labels"]) == len(target["boxes"])
+
+
+def _mask_anns(seg_b=None):
+    from pycocotools import mask as mask_utils
+
+    rle_mask = np.zeros((40, 60), np.uint8, order="F")
+    rle_mask[8:30, 35:55] = 1
+    rle = mask_utils.encode(rle_mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return [
+        # a polygon (a 20 x 30 rectangle), a compressed RLE, a crowd region (uncompressed RLE)
+        {
+            "id": 1,
+            "image_id": 10,
+            "category_id": 42,
+            "bbox": [5, 5, 20, 30],
+            "iscrowd": 0,
+            "segmentation": [[5, 5, 25, 5, 25, 35, 5, 35]],
+        },
+        {
+            "id": 2,
+            "image_id": 10,
+            "category_id": 7,
+            "bbox": [35, 8, 20, 22],
+            "iscrowd": 0,
+            "segmentation": seg_b if seg_b is not None else rle,
+        },
+        {
+            "id": 3,
+            "image_id": 11,
+            "category_id": 3,
+            "bbox": [0, 0, 10, 10],
+            "iscrowd": 1,
+            "segmentation": {"counts": [0, 100, 2300], "size": [40, 60]},
+        },
+    ]
+
+
+def test_masks_from_polygons_and_rle_crowd_for_eval_only(tmp_path):
+    img_dir, ann = write_set(tmp_path, annotations=_mask_anns())
+    ds = COCODetection(img_dir, ann, with_masks=True)
+    _, target = ds[0]
+    masks = target["masks"]
+    assert masks.shape == (2, 40, 60) and masks.dtype == torch.uint8
+    assert int(masks[1].sum()) == 22 * 20 and bool(masks[1, 8:30, 35:55].all())
+    assert bool(masks[0, 6:34, 6:24].all()) and int(masks[0, :, 30:].sum()) == 0
+    _, crowd_only = ds[1]
+    assert crowd_only["masks"].shape == (0, 40, 60) and ds.num_crowd == 1
+
+
+def test_lsj_moves_masks_with_boxes_and_drops_vanished_objects(tmp_path):
+    anns = _mask_anns()
+    # the box reaches far right of the polygon: crops can keep a piece of the box but none of the mask
+    anns[0]["bbox"] = [5, 5, 50, 30]
+    img_dir, ann = write_set(tmp_path, annotations=anns)
+    ds = COCODetection(img_dir, ann, transforms=build_train_transforms(32, (2.0, 3.0), 0.5), with_masks=True)
+    torch.manual_seed(0)
+    kept = 0
+    for _ in range(30):
+        image, target = ds[0]
+        masks, boxes = target["masks"], target["boxes"]
+        assert image.shape == (3, 32, 32) and masks.shape[1:] == (32, 32)
+        assert len(masks) == len(boxes) == len(target["labels"])
+        kept += len(masks)
+        for m, b in zip(masks, boxes, strict=True):
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            # every box is its mask's extent (pixel edges)
+            assert b.tolist() == [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    # a 32 px crop of a 64-96 px wide image loses an object now and then: dropped and counted
+    assert ds.num_vanished > 0 and kept + ds.num_vanished <= 60
+
+
+@pytest.mark.parametrize(
+    ("seg", "message"),
+    [
+        ([[5, 5, 25, 5]], r"annotation 2 \(image 10\) has a polygon with 2.0 point\(s\)"),
+        ({"counts": "abc", "size": [20, 60]}, r"an RLE of size \[20, 60\] on an image of size \[40, 60\]"),
+    ],
+)
+def test_bad_segmentations_are_named(tmp_path, seg, message):
+    img_dir, ann = write_set(tmp_path, annotations=_mask_anns(seg))
+    with pytest.raises(ValueError, match=message):
+        COCODetection(img_dir, ann, with_masks=True)
+    COCODetection(img_dir, ann)  # a box-only experiment does not need them
+
+
+def test_missing_segmentations_for_a_mask_experiment(tmp_path):
+    img_dir, ann = write_set(tmp_path)
+    with pytest.raises(ValueError, match=r"ann.json: 1 object\(s\) have no `segmentation`"):
+        COCODetection(img_dir, ann, with_masks=True)

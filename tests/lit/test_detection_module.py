@@ -1,7 +1,6 @@
 """DetectionModule: COCO evaluation parity with pycocotools, layer decay, fast_dev_run, cednet-eval, wrong tasks."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cednet_pl.data.synthetic_det import generate_synthetic_det
 from cednet_pl.evaluation import (
     COCO_STAT_NAMES,
     detections_to_coco_results,
@@ -17,63 +15,37 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.detection import DetectionModule, detection_param_groups
-from testlib import FAST_OVERRIDES, CrashAtEpoch, compose_config, with_extra_callback
-
-TINY_DATA = [
-    "data.num_train=4",
-    "data.num_val=4",
-    "data.image_size=128",
-    "data.train_size=128",
-    "data.test_min_size=128",
-    "data.test_max_size=128",
-    "data.digit_size=[20,40]",
-    "data.num_digits=[1,3]",
-    "data.batch_size=2",
-    "data.val_batch_size=4",
-]
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = generate_synthetic_det(
-        tmp_path_factory.mktemp("syn") / "set", num_train=2, num_val=40, image_size=128, digit_size=(16, 48)
-    )
-    return root / "annotations" / "instances_val.json"
+from testlib import (
+    FAST_OVERRIDES,
+    TINY_DET_DATA,
+    CrashAtEpoch,
+    compose_config,
+    perturbed_predictions,
+    with_extra_callback,
+)
 
 
 def perturbed_results(ann_file, seed=0):
     """Detections from the ground truth: jittered boxes, some wrong classes, misses and false positives."""
-    rng = random.Random(seed)
-    data = json.loads(ann_file.read_text())
-    cat_ids = sorted(c["id"] for c in data["categories"])
-    per_image = {im["id"]: [] for im in data["images"]}
-    for ann in data["annotations"]:
-        per_image[ann["image_id"]].append(ann)
-    image_ids, detections = [], []
-    for image_id, anns in per_image.items():
-        boxes, scores, labels = [], [], []
-        for ann in anns:
-            if rng.random() < 0.1:
-                continue
-            x, y, w, h = ann["bbox"]
-            j = [rng.gauss(0, 0.08) * s for s in (w, h, w, h)]
-            boxes.append([x + j[0], y + j[1], x + w + j[2], y + h + j[3]])
-            wrong = rng.random() < 0.15
-            labels.append(rng.randrange(10) if wrong else cat_ids.index(ann["category_id"]))
-            scores.append(rng.random())
-        for _ in range(rng.randrange(3)):
-            x, y = rng.uniform(0, 100), rng.uniform(0, 100)
-            boxes.append([x, y, x + rng.uniform(5, 28), y + rng.uniform(5, 28)])
-            labels.append(rng.randrange(10))
-            scores.append(rng.random() * 0.5)
-        image_ids.append(image_id)
-        detections.append(
-            {
-                "boxes": torch.tensor(boxes).reshape(-1, 4),
-                "scores": torch.tensor(scores),
-                "labels": torch.tensor(labels, dtype=torch.int64),
-            }
-        )
+
+    def jitter(ann, rng):
+        x, y, w, h = ann["bbox"]
+        j = [rng.gauss(0, 0.08) * s for s in (w, h, w, h)]
+        return [x + j[0], y + j[1], x + w + j[2], y + h + j[3]]
+
+    def false_positive(rng):
+        x, y = rng.uniform(0, 100), rng.uniform(0, 100)
+        return [x, y, x + rng.uniform(5, 28), y + rng.uniform(5, 28)]
+
+    cat_ids, image_ids, per_image = perturbed_predictions(ann_file, seed, jitter, false_positive)
+    detections = [
+        {
+            "boxes": torch.tensor(boxes).reshape(-1, 4),
+            "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+        for boxes, scores, labels in per_image
+    ]
     return detections_to_coco_results(image_ids, detections, cat_ids)
 
 
@@ -136,7 +108,7 @@ def test_layer_decay_groups_follow_the_trunk():
 def test_fast_dev_run_writes_coco_results_and_metrics(make_cfg):
     from cednet_pl.train import train
 
-    cfg = make_cfg("train", ["+experiment=det_demo", "++trainer.fast_dev_run=true", *TINY_DATA])
+    cfg = make_cfg("train", ["+experiment=det_demo", "++trainer.fast_dev_run=true", *TINY_DET_DATA])
     _, objects = train(cfg)
     run = Path(objects["trainer"].default_root_dir)
     report = json.loads((run / "coco_metrics_val.json").read_text())
@@ -161,7 +133,7 @@ def test_eval_of_a_detection_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
 
     cfg = make_cfg(
         "train",
-        ["+experiment=det_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DATA],
+        ["+experiment=det_demo", "trainer.max_epochs=1", "+trainer.limit_train_batches=1", *TINY_DET_DATA],
     )
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -216,7 +188,7 @@ def test_detection_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     overrides = [
         *FAST_OVERRIDES,
         "+experiment=det_demo",
-        *TINY_DATA,
+        *TINY_DET_DATA,
         "trainer.max_epochs=2",
         "+trainer.limit_train_batches=2",
         "trainer.check_val_every_n_epoch=1",

@@ -138,8 +138,9 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
     """The DetectionModule of a ``cednet-train`` checkpoint, in eval mode, or a clear error if it is not one."""
     import hydra
 
-    from cednet_pl.lit.detection import DetectionModule
+    from cednet_pl.lit.detection import DETECTION_TASKS, DetectionModule
     from cednet_pl.models.checkpoint import CONFIG_KEY, is_lightning_checkpoint, read_checkpoint
+    from cednet_pl.models.detection import detector_kind_of
 
     path = Path(path).expanduser()
     ckpt = read_checkpoint(path)
@@ -156,8 +157,8 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch
         except (ImportError, ValueError) as err:
             raise ValueError(f"{path}: cannot import its model class {target} ({err})") from err
     task = getattr(cls, "task", None)
-    has_head = any(k.startswith("net.head.") for k in ckpt.get("state_dict", {}))
-    if task != "detection" or not has_head:
+    has_head = detector_kind_of(ckpt.get("state_dict", {})) is not None
+    if task not in DETECTION_TASKS or not has_head:
         raise ValueError(
             f"{path} is not a detector checkpoint: it holds a {task or 'non-detection'} model "
             f"({target or 'no cednet_config'}); cednet-compare needs checkpoints of detection runs (DetectionModule)"

@@ -5,7 +5,9 @@ The detector is anything with ``forward_with_loss(images, targets) -> (losses, d
 ``losses`` a dict of batch-mean scalar losses (torchvision's RetinaNet divides by the number of images), and
 ``detections`` per image ``boxes`` (xyxy, original pixels), ``scores``, ``labels`` (contiguous). The dataset is a
 COCO-style dataset as :class:`cednet_pl.data.coco.COCODetection` (``image_ids``, ``images``, ``__getitem__`` giving
-``(image, {"boxes", "labels", "image_id"})`` at original resolution, ``label_to_category_id``).
+``(image, {"boxes", "labels", "image_id"})`` at original resolution, plus ``"masks"`` for Mask R-CNN,
+``label_to_category_id``). :class:`cednet_pl.models.detection.MaskRCNNDetector` works the same way (its losses:
+RPN, box and mask).
 
 The pass runs the detector in eval mode (no drop path, frozen norm statistics) and puts every submodule's mode
 back afterwards; it differentiates the total loss (sum over images of their losses) with respect to the input
@@ -156,8 +158,10 @@ def _gradient_pass(
     all_maps: list[torch.Tensor] = []
 
     def loss_fn(images: list[torch.Tensor], targets: list[dict[str, Any]]) -> torch.Tensor:
+        # NOTE: masks (an instance-segmentation dataset) go along for Mask R-CNN's mask loss
+        keys = ("boxes", "labels", "masks")
         losses, detections = detector.forward_with_loss(
-            images, [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+            images, [{k: t[k].to(device) for k in keys if k in t} for t in targets]
         )
         results.extend(detections_to_coco_results([t["image_id"] for t in targets], detections, label_to_cat))
         # NOTE: torchvision's RetinaNet losses are means over the batch; the sum over images keeps each

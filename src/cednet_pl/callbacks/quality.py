@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from cednet_pl.analysis.quality import quality_from_coco, write_quality
 from cednet_pl.callbacks.common import analysis_dir, log_scalars, model_name, val_dataset
+from cednet_pl.lit.detection import DETECTION_TASKS
 from cednet_pl.utils.logging import RankedLogger
 
 __all__ = ["DetectionQuality"]
@@ -58,7 +59,7 @@ class DetectionQuality(Callback):
         self.last_path: Path | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "task", None) != "detection":
+        if getattr(pl_module, "task", None) not in DETECTION_TASKS:
             raise TypeError(
                 f"DetectionQuality needs a detection model (DetectionModule), got {type(pl_module).__name__}"
             )

@@ -12,7 +12,11 @@ objects are kept. Boxes with zero or negative width/height (after clipping to th
 and counted in a warning.
 
 Each sample is ``(image, target)``: a float image in [0, 1] (C, H, W) and ``{"boxes": (N, 4) xyxy float,
-"labels": (N,) int64, "image_id": int}``. Validation images keep their original resolution; the
+"labels": (N,) int64, "image_id": int}``, plus ``"masks": (N, H, W) uint8`` with ``with_masks`` (Mask R-CNN):
+masks are decoded from the annotations' polygons or RLE (checked when the file is read: every object has a
+``segmentation``, polygons have >= 3 points, RLE sizes equal the image's), move with the image through LSJ,
+flip and copy-paste, and after the training transforms every box is recomputed from its mask; objects whose
+mask the crop emptied are dropped and counted (``num_vanished``). Validation images keep their original resolution; the
 detector's transform resizes them (shorter side ``test_min_size``, longer <= ``test_max_size``) and
 maps detections back.
 """
@@ -35,7 +39,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from cednet_pl.data.det_transforms import build_train_transforms, copy_paste
+from cednet_pl.data.det_transforms import boxes_from_masks, build_train_transforms, copy_paste
 from cednet_pl.data.samplers import exact_eval_sampler, sample_seed, train_sampler
 from cednet_pl.evaluation.coco_eval import load_coco_json
 
@@ -80,6 +84,24 @@ def _decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray | Non
     return mask_utils.decode(rle)
 
 
+def _segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
+    """Why ``segmentation`` cannot give an instance mask of an ``height x width`` image (None: it can)."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "an empty polygon list"
+        for poly in segmentation:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                n = len(poly) / 2 if isinstance(poly, list) else poly
+                return f"a polygon with {n} point(s) (a polygon needs >= 3 x,y points)"
+        return None
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = [int(v) for v in segmentation["size"]]
+        if size != [height, width]:
+            return f"an RLE of size {size} on an image of size [{height}, {width}] (height, width)"
+        return None
+    return f"an unreadable segmentation of type {type(segmentation).__name__} (expected polygons or RLE)"
+
+
 class COCODetection(Dataset):
     """COCO instances dataset with input checks (see the module docstring for the sample format).
 
@@ -95,6 +117,8 @@ class COCODetection(Dataset):
             ``EpochSeededSampler(with_epoch=True)``): a sample's augmentation then depends only on the seed, the
             epoch and the index, so a resumed run repeats the uninterrupted one. A plain int index draws from the
             global RNG.
+        with_masks: Yield instance masks (``target["masks"]``) and recompute boxes from them after the
+            transforms; every non-crowd object must have a valid ``segmentation``.
     """
 
     def __init__(
@@ -106,8 +130,11 @@ class COCODetection(Dataset):
         max_paste_objects: int = 7,
         category_ids: Sequence[int] | None = None,
         seed: int = 0,
+        with_masks: bool = False,
     ) -> None:
         self.seed = int(seed)
+        self.with_masks = bool(with_masks)
+        self.num_vanished = 0
         self.max_paste_objects = int(max_paste_objects)
         self.image_dir = Path(image_dir)
         self.ann_file = Path(ann_file)
@@ -151,6 +178,8 @@ class COCODetection(Dataset):
                 self.num_degenerate += 1
                 continue
             per_image[image["id"]].append({"box": (x0, y0, x1, y1), "ann": ann})
+        if self.with_masks:
+            self._check_segmentations(image_by_id, per_image)
         if self.num_degenerate:
             log.warning(
                 "%s: dropped %d box(es) with zero or negative width/height (after clipping to the image)",
@@ -160,6 +189,32 @@ class COCODetection(Dataset):
         self.objects = [per_image.get(im["id"], []) for im in self.images]
         self.image_ids = [int(im["id"]) for im in self.images]
         _check_images_exist(self.image_dir, [im["file_name"] for im in self.images], self.ann_file)
+
+    def _check_segmentations(
+        self, image_by_id: dict[Any, dict[str, Any]], per_image: dict[int, list[dict[str, Any]]]
+    ) -> None:
+        missing, bad = [], []
+        for image_id, objs in per_image.items():
+            image = image_by_id[image_id]
+            for o in objs:
+                seg = o["ann"].get("segmentation")
+                if seg is None:
+                    missing.append(o["ann"].get("id"))
+                    continue
+                problem = _segmentation_problem(seg, int(image["height"]), int(image["width"]))
+                if problem:
+                    bad.append(f"annotation {o['ann'].get('id')} (image {image_id}) has {problem}")
+        if missing:
+            raise ValueError(
+                f"{self.ann_file}: {len(missing)} object(s) have no `segmentation` (annotation ids "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}); an instance-segmentation experiment needs "
+                "a mask (polygons or RLE) for every non-crowd object"
+            )
+        if bad:
+            raise ValueError(
+                f"{self.ann_file}: {len(bad)} invalid segmentation(s): {'; '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -187,11 +242,11 @@ class COCODetection(Dataset):
             masks = torch.zeros((len(objs), h, w), dtype=torch.uint8)
             for i, o in enumerate(objs):
                 m = _decode_mask(o["ann"].get("segmentation"), h, w)
-                if m is None or m.shape != (h, w) or not m.any():
+                if not self.with_masks and (m is None or m.shape != (h, w) or not m.any()):
                     x0, y0, x1, y1 = o["box"]
                     masks[i, int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = 1
-                else:
-                    masks[i] = torch.from_numpy(m)
+                elif m is not None:
+                    masks[i] = torch.from_numpy(m.reshape(h, w))
             target["masks"] = tv_tensors.Mask(masks)
         return image, target
 
@@ -199,6 +254,9 @@ class COCODetection(Dataset):
         image, target = self._load(index, with_masks)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
+            if self.with_masks:
+                target, vanished = boxes_from_masks(target)
+                self.num_vanished += vanished
         return image, target
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -212,20 +270,20 @@ class COCODetection(Dataset):
 
     def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         use_cp = self.copy_paste_prob > 0 and len(self) > 1 and float(torch.rand(())) < self.copy_paste_prob
-        image, target = self._transformed(index, with_masks=use_cp)
+        image, target = self._transformed(index, with_masks=use_cp or self.with_masks)
         if use_cp:
             other = int(torch.randint(len(self) - 1, ()))
             other += other >= index
             src_image, src_target = self._transformed(other, with_masks=True)
             image, target = copy_paste(image, target, src_image, src_target, self.max_paste_objects)
-        return (
-            image.as_subclass(torch.Tensor).float().div_(255.0),
-            {
-                "boxes": target["boxes"].as_subclass(torch.Tensor).float(),
-                "labels": target["labels"].as_subclass(torch.Tensor).long(),
-                "image_id": self.image_ids[index],
-            },
-        )
+        out = {
+            "boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+            "labels": target["labels"].as_subclass(torch.Tensor).long(),
+            "image_id": self.image_ids[index],
+        }
+        if self.with_masks:
+            out["masks"] = target["masks"].as_subclass(torch.Tensor).to(torch.uint8)
+        return image.as_subclass(torch.Tensor).float().div_(255.0), out
 
 
 class COCODataModule(L.LightningDataModule):
@@ -253,6 +311,7 @@ class COCODataModule(L.LightningDataModule):
         size_divisible: Test-time padding multiple.
         shuffle_seed: Seed of the epoch-deterministic training order (DDP ranks take interleaved shards of it, a
             resumed run sees the same order as an uninterrupted one).
+        with_masks: Instance masks in every sample (Mask R-CNN; see :class:`COCODetection`).
     """
 
     def __init__(
@@ -276,6 +335,7 @@ class COCODataModule(L.LightningDataModule):
         test_max_size: int = 1333,
         size_divisible: int = 128,
         shuffle_seed: int = 0,
+        with_masks: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -319,7 +379,11 @@ class COCODataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_dataset is None:
-            val = COCODetection(self._path(self.hparams.val_images), self.val_annotation_file)
+            val = COCODetection(
+                self._path(self.hparams.val_images),
+                self.val_annotation_file,
+                with_masks=self.hparams.with_masks,
+            )
             expected = self.hparams.num_classes
             if expected is not None and len(val.category_ids) != expected:
                 raise ValueError(
@@ -337,6 +401,7 @@ class COCODataModule(L.LightningDataModule):
                 max_paste_objects=hp.max_paste_objects,
                 category_ids=self.val_dataset.category_ids,
                 seed=hp.shuffle_seed,
+                with_masks=hp.with_masks,
             )
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:

@@ -5,6 +5,9 @@ Samples are ``(image, target)`` with ``image`` a uint8 ``tv_tensors.Image`` and 
 (``tv_tensors.Mask``, one channel per object). v2 transforms move boxes and masks with the image, and
 ``SanitizeBoundingBoxes`` drops boxes (with their labels and masks) that a crop made degenerate.
 
+With instance masks (Mask R-CNN), :func:`boxes_from_masks` then recomputes every box from its transformed mask
+and drops the objects whose mask the crop emptied.
+
 Test-time resizing (shorter side 800, longer <= 1333, padding to a multiple of 128) is not here: the
 detector's own transform does it, so that detections come back in original image coordinates.
 """
@@ -19,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-__all__ = ["IMAGENET_FILL", "build_train_transforms", "copy_paste"]
+__all__ = ["IMAGENET_FILL", "boxes_from_masks", "build_train_transforms", "copy_paste", "mask_boxes"]
 
 #: Padding colour of LSJ canvases: the ImageNet mean, i.e. zero after the model's normalisation.
 IMAGENET_FILL = (124, 116, 104)
@@ -48,6 +51,36 @@ def build_train_transforms(
             v2.SanitizeBoundingBoxes(),
         ]
     )
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Boxes (xyxy pixel edges, float32) of non-empty masks (N, H, W)."""
+    # NOTE: masks_to_boxes gives inclusive pixel indices; boxes are pixel edges, hence + 1 on x2/y2.
+    boxes = masks_to_boxes(masks.bool()).float()
+    boxes[:, 2:] += 1
+    return boxes
+
+
+def boxes_from_masks(target: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Recompute every box from its mask and drop objects whose mask is empty (e.g. cropped away).
+
+    Args:
+        target: ``boxes`` (``BoundingBoxes``), ``labels``, ``masks`` (N, H, W) and possibly other per-image keys.
+
+    Returns:
+        The new target (boxes on the same canvas) and the number of objects dropped.
+    """
+    masks = target["masks"]
+    visible = masks.flatten(1).bool().any(1)
+    out = dict(target)
+    out["masks"] = tv_tensors.Mask(masks[visible])
+    out["labels"] = target["labels"][visible]
+    out["boxes"] = tv_tensors.BoundingBoxes(
+        mask_boxes(masks[visible]),
+        format=tv_tensors.BoundingBoxFormat.XYXY,
+        canvas_size=tuple(masks.shape[-2:]),
+    )
+    return out, int((~visible).sum())
 
 
 def copy_paste(
@@ -92,10 +125,7 @@ def copy_paste(
     visible = masks.flatten(1).any(1)
     recompute = changed & visible
     if recompute.any():
-        # masks_to_boxes gives inclusive pixel indices; boxes are pixel edges, hence + 1 on x2/y2.
-        new = masks_to_boxes(masks[recompute]).to(boxes.dtype)
-        new[:, 2:] += 1
-        boxes[recompute] = new
+        boxes[recompute] = mask_boxes(masks[recompute]).to(boxes.dtype)
     boxes, labels, masks = boxes[visible], target["labels"][visible], masks[visible]
 
     canvas = target["boxes"].canvas_size

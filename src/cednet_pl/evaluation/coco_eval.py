@@ -1,9 +1,13 @@
-"""COCO box evaluation: results JSON in, the 12 standard COCOeval numbers out.
+"""COCO box and mask evaluation: results JSON in, the 12 standard COCOeval numbers out.
 
 The number of record is what pycocotools' ``COCOeval`` computes from two files, the annotation file
 and a results JSON (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``). Validation
 therefore always writes the results JSON first and evaluates that file, so that running pycocotools
 by hand on the same two files gives the same numbers to the last digit.
+
+Instance masks (``iou_type="segm"``) go in a separate results file whose entries hold a compressed RLE
+``segmentation`` and no ``bbox`` (pycocotools' ``loadRes`` would otherwise replace the masks by box polygons):
+:func:`encode_masks` + :func:`masks_to_coco_results`.
 
 ``backend="faster_coco_eval"`` runs the same evaluation with faster-coco-eval's C++ ``COCOeval_faster``;
 ``scripts/bench_coco_eval.py`` measures its speed and whether it agrees with pycocotools.
@@ -19,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert
 
@@ -39,6 +44,7 @@ COCO_STAT_NAMES = (
     "mar_large",
 )
 BACKENDS = ("pycocotools", "faster_coco_eval")
+IOU_TYPES = ("bbox", "segm")
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 
 
@@ -80,8 +86,11 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_coco_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Read a COCO results JSON (a list of ``{image_id, category_id, bbox, score}``) or pass a list through.
+def load_coco_results(
+    results: str | Path | Sequence[Mapping[str, Any]], iou_type: str = "bbox"
+) -> list[Mapping[str, Any]]:
+    """Read a COCO results JSON (a list of ``{image_id, category_id, bbox, score}``, or with ``segmentation``
+    in place of ``bbox`` for ``iou_type="segm"``) or pass a list through.
 
     Raises:
         FileNotFoundError: No such file.
@@ -100,7 +109,7 @@ def load_coco_results(results: str | Path | Sequence[Mapping[str, Any]]) -> list
         data, where = list(results), "results"
     if not isinstance(data, list):
         raise ValueError(f"{where} is not a COCO results file: expected a JSON list of detections")
-    need = {"image_id", "category_id", "bbox", "score"}
+    need = {"image_id", "category_id", "segmentation" if iou_type == "segm" else "bbox", "score"}
     for i, det in enumerate(data):
         if not isinstance(det, Mapping) or not need <= det.keys():
             raise ValueError(f"{where}: detection {i} must have keys {sorted(need)}, got {det!r}")
@@ -145,6 +154,47 @@ def detections_to_coco_results(
     return results
 
 
+def encode_masks(masks: torch.Tensor, threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Compressed COCO RLEs (``counts`` as text) of mask probabilities (N, 1, H, W) or (N, H, W) at ``threshold``."""
+    from pycocotools import mask as mask_utils
+
+    binary = (masks.detach().reshape(-1, *masks.shape[-2:]) > threshold).cpu().numpy().astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if len(binary) else []
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return list(rles)
+
+
+def masks_to_coco_results(
+    image_ids: Sequence[int],
+    detections: Sequence[Mapping[str, Any]],
+    label_to_category_id: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Segmentation results entries (``image_id``, ``category_id``, ``segmentation`` RLE, ``score``).
+
+    Args:
+        image_ids: The original COCO image id of each image.
+        detections: Per image ``rles`` (from :func:`encode_masks`), ``scores``, ``labels`` (contiguous).
+        label_to_category_id: ``label_to_category_id[label]`` is the COCO category id.
+    """
+    if len(image_ids) != len(detections):
+        raise ValueError(f"got {len(image_ids)} image ids for {len(detections)} detection sets")
+    results = []
+    for image_id, det in zip(image_ids, detections, strict=True):
+        scores = det["scores"].detach().float().cpu().tolist()
+        labels = det["labels"].detach().cpu().tolist()
+        for rle, score, label in zip(det["rles"], scores, labels, strict=True):
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_category_id[label]),
+                    "segmentation": rle,
+                    "score": round(score, 5),
+                }
+            )
+    return results
+
+
 def write_results_json(results: list[dict[str, Any]], path: str | Path) -> Path:
     """Write COCO results entries to ``path`` (parents created) and return the path."""
     path = Path(path)
@@ -177,22 +227,26 @@ def evaluate_coco(
     results: str | Path | list[dict[str, Any]],
     backend: str = "pycocotools",
     image_ids: Iterable[int] | None = None,
+    iou_type: str = "bbox",
 ) -> tuple[dict[str, float], str]:
-    """Run COCO box evaluation and return the 12 standard numbers.
+    """Run COCO box or mask evaluation and return the 12 standard numbers.
 
     Args:
         annotation_file: The ground-truth COCO instances JSON.
         results: A results JSON path (the number of record) or the list of results entries.
         backend: ``"pycocotools"`` or ``"faster_coco_eval"``.
         image_ids: Evaluate only these images (default: every image in the annotation file, as COCO does).
+        iou_type: ``"bbox"`` (entries with ``bbox``) or ``"segm"`` (entries with an RLE ``segmentation``).
 
     Returns:
         ``({name: value for name in COCO_STAT_NAMES}, summary_text)``, values in [0, 1] or -1 where
         COCOeval has nothing to measure (e.g. no large objects).
     """
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"unknown COCO iou_type {iou_type!r}; expected one of {list(IOU_TYPES)}")
     coco_cls, eval_cls = _import_backend(backend)
     data = load_coco_json(annotation_file)
-    entries = load_coco_results(results)
+    entries = load_coco_results(results, iou_type)
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -214,7 +268,7 @@ def evaluate_coco(
             }
             dt.createIndex()
         kwargs = {"print_function": log.debug} if backend == "faster_coco_eval" else {}
-        evaluator = eval_cls(gt, dt, "bbox", **kwargs)
+        evaluator = eval_cls(gt, dt, iou_type, **kwargs)
         if image_ids is not None:
             evaluator.params.imgIds = sorted({int(i) for i in image_ids})
         evaluator.evaluate()

@@ -35,12 +35,18 @@ from cednet_pl.evaluation.coco_eval import (
     write_results_json,
 )
 from cednet_pl.lit.optim import top_lr
-from cednet_pl.models.detection import CEDNetPyramid, RetinaNetDetector, TimmFPNBackbone, build_retinanet
+from cednet_pl.models.detection import (
+    CEDNetPyramid,
+    RetinaNetDetector,
+    TimmFPNBackbone,
+    build_retinanet,
+)
 from cednet_pl.utils.logging import RankedLogger
 from cednet_pl.utils.run import plain
 
 __all__ = [
     "BACKBONES",
+    "DETECTION_TASKS",
     "DetectionModule",
     "build_backbone",
     "build_dense_optimizer",
@@ -54,8 +60,8 @@ __all__ = [
 log = RankedLogger(__name__)
 
 BACKBONES = {"cednet": CEDNetPyramid, "timm_fpn": TimmFPNBackbone}
-#: The losses of torchvision's RetinaNet (`compute_loss` keys), each logged as `<split>/loss_<name>`.
-_LOSS_NAMES = ("loss_classification", "loss_bbox_regression")
+#: ``task`` of the LightningModules whose ``net`` has ``forward_with_loss`` (the analysis runs on all of them).
+DETECTION_TASKS = ("detection", "instance_segmentation")
 
 
 def build_backbone(kind: str = "cednet", **kwargs: Any) -> torch.nn.Module:
@@ -246,6 +252,13 @@ class DetectionModule(L.LightningModule):
     monitor = "val/map"
     monitor_mode = "max"
     task = "detection"
+    #: state-dict prefix and name of the detector's head (the wrong-task check of a checkpoint)
+    head_prefix = "net.head."
+    head_name = "RetinaNet head"
+    #: the target keys the detector trains on
+    target_keys: tuple[str, ...] = ("boxes", "labels")
+    #: the detector's losses (keys of its loss dict without a ``loss_`` prefix), logged as ``<split>/loss_<name>``
+    loss_names: tuple[str, ...] = ("classification", "bbox_regression")
 
     def __init__(
         self,
@@ -276,7 +289,7 @@ class DetectionModule(L.LightningModule):
         self.num_classes = int(num_classes)
         backbone_kwargs = dict(backbone)
         self.pretrained = backbone_kwargs.pop("pretrained", None)
-        self.net: RetinaNetDetector = build_retinanet(
+        self.net: RetinaNetDetector = self.build_detector(
             build_backbone(**backbone_kwargs), self.num_classes, **detector
         )
         self.category_ids: list[int] | None = None
@@ -284,16 +297,26 @@ class DetectionModule(L.LightningModule):
             None  # stored in checkpoints, named predictions (cednet-predict)
         )
         self.results_path: Path | None = None
-        self._val_outputs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._val_outputs: list[tuple[int, dict[str, Any]]] = []
         self._val_image_ids: list[int] = []
         # val/test losses: means over exactly the evaluated images. torchmetrics sums (loss x images, images) over
         # the ranks once at the epoch end; per-step `sync_dist` means would weight the ranks' uneven shards equally
         self.eval_losses = nn.ModuleDict(
             {
-                prefix: nn.ModuleDict({name: MeanMetric() for name in ("loss", *_LOSS_NAMES)})
+                prefix: nn.ModuleDict(
+                    {name: MeanMetric() for name in ("loss", *(f"loss_{n}" for n in self.loss_names))}
+                )
                 for prefix in ("val", "test")
             }
         )
+
+    @staticmethod
+    def build_detector(backbone: torch.nn.Module, num_classes: int, **detector: Any) -> torch.nn.Module:
+        """The detector around ``backbone`` (:func:`~cednet_pl.models.detection.build_retinanet`)."""
+        return build_retinanet(backbone, num_classes, **detector)
+
+    def _net_targets(self, targets: Sequence[Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        return [{k: t[k] for k in self.target_keys} for t in targets]
 
     # ------------------------------------------------------------------ model
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -322,7 +345,9 @@ class DetectionModule(L.LightningModule):
         load_pretrained_backbone(self.net.backbone, spec)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_task(checkpoint, "DetectionModule", "net.head.", "detection", "RetinaNet head")
+        check_checkpoint_task(
+            checkpoint, "." + type(self).__name__, self.head_prefix, self.task, self.head_name
+        )
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
         if checkpoint.get("category_names"):
@@ -339,12 +364,12 @@ class DetectionModule(L.LightningModule):
         self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], batch_idx: int
     ) -> torch.Tensor:
         images, targets = batch
-        losses = self.net(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        losses = self.net(images, self._net_targets(targets))
         loss = sum(losses.values())
         n = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=n)
+            self.log(f"train/loss_{name.removeprefix('loss_')}", value, batch_size=n)
         self.log("train/lr", top_lr(self.trainer.optimizers[0]), batch_size=n)
         return loss
 
@@ -354,12 +379,12 @@ class DetectionModule(L.LightningModule):
 
     def _eval_step(self, batch: tuple[list[torch.Tensor], list[dict[str, Any]]], prefix: str) -> None:
         images, targets = batch
-        losses, detections = self.net.forward_with_loss(
-            images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
-        )
+        losses, detections = self.net.forward_with_loss(images, self._net_targets(targets))
         n = len(images)
-        # torchvision's RetinaNet losses are means over the batch's images: weight n gives the per-image mean
-        values = {"loss": sum(losses.values()), **{f"loss_{k}": v for k, v in losses.items()}}
+        # NOTE: torchvision's RetinaNet losses are means over the batch's images: weight n gives the per-image mean
+        # (Mask R-CNN's are means over the batch's sampled anchors/RoIs, nearly so)
+        values = {"loss": sum(losses.values())}
+        values.update({f"loss_{k.removeprefix('loss_')}": v for k, v in losses.items()})
         for name, value in values.items():
             metric = self.eval_losses[prefix][name]
             metric.update(value.detach(), weight=n)
@@ -367,7 +392,11 @@ class DetectionModule(L.LightningModule):
         for t, det in zip(targets, detections, strict=True):
             image_id = int(t["image_id"])
             self._val_image_ids.append(image_id)
-            self._val_outputs.append((image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu()))
+            self._val_outputs.append((image_id, self._keep_detections(det)))
+
+    def _keep_detections(self, det: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """What validation keeps of one image's detections until the epoch ends (on the CPU)."""
+        return {k: det[k].cpu() for k in ("boxes", "scores", "labels")}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -396,7 +425,7 @@ class DetectionModule(L.LightningModule):
             )
         return Path(dm.val_annotation_file)
 
-    def _gather(self) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], list[int]]:
+    def _gather(self) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
         outputs, image_ids = self._val_outputs, self._val_image_ids
         if (
             self.trainer.world_size > 1
@@ -407,7 +436,7 @@ class DetectionModule(L.LightningModule):
             torch.distributed.all_gather_object(gathered, (outputs, image_ids))
             outputs = [o for part in gathered for o in part[0]]
             image_ids = [i for part in gathered for i in part[1]]
-        unique: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        unique: dict[int, tuple[int, dict[str, Any]]] = {}
         for out in outputs:
             unique.setdefault(out[0], out)
         return [unique[k] for k in sorted(unique)], sorted(set(image_ids))
@@ -423,6 +452,11 @@ class DetectionModule(L.LightningModule):
         self.log_dict({f"{prefix}/{k}": float(v) for k, v in stats.items()}, sync_dist=False)
         self._val_outputs, self._val_image_ids = [], []
 
+    def _coco_results(self, outputs: list[tuple[int, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """COCO results entries per iou type (``bbox`` here)."""
+        ids, dets = [o[0] for o in outputs], [o[1] for o in outputs]
+        return {"bbox": detections_to_coco_results(ids, dets, self.category_ids)}
+
     def _evaluate(self, outputs: list, image_ids: list[int], prefix: str) -> dict[str, float]:
         if self.category_ids is None:
             raise ValueError(
@@ -431,12 +465,6 @@ class DetectionModule(L.LightningModule):
         ann_file = self._annotation_file()
         backend = self.hparams["evaluation"].get("backend", "pycocotools")
         out_dir = Path(self.trainer.default_root_dir)
-        results = detections_to_coco_results(
-            [o[0] for o in outputs],
-            [{"boxes": o[1], "scores": o[2], "labels": o[3]} for o in outputs],
-            self.category_ids,
-        )
-        self.results_path = write_results_json(results, out_dir / f"coco_results_{prefix}.json")
         with ann_file.open("rb") as f:
             all_ids = {int(im["id"]) for im in json.load(f)["images"]}
         subset = None
@@ -446,15 +474,32 @@ class DetectionModule(L.LightningModule):
                 f"COCO evaluation on {len(image_ids)} of the {len(all_ids)} images of {ann_file} "
                 "(partial validation); the numbers are not comparable to a full evaluation"
             )
-        stats, summary = evaluate_coco(ann_file, self.results_path, backend=backend, image_ids=subset)
-        log.info(f"COCO box evaluation ({backend}) of {self.results_path}:\n{summary}")
+        stats: dict[str, float] = {}
+        files: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for iou_type, results in self._coco_results(outputs).items():
+            # NOTE: box results keep their historical names (coco_results_val.json, val/map ...); masks get a
+            # file of their own (no bbox entries, see cednet_pl.evaluation.coco_eval) and `mask_` metrics
+            tag = "" if iou_type == "bbox" else "mask_"
+            path = write_results_json(
+                results, out_dir / f"coco_{'segm_' if iou_type == 'segm' else ''}results_{prefix}.json"
+            )
+            if iou_type == "bbox":
+                self.results_path = path
+            values, summary = evaluate_coco(
+                ann_file, path, backend=backend, image_ids=subset, iou_type=iou_type
+            )
+            log.info(f"COCO {iou_type} evaluation ({backend}) of {path}:\n{summary}")
+            stats.update({f"{tag}{k}": values[k] for k in COCO_STAT_NAMES})
+            files[iou_type], counts[iou_type] = str(path), len(results)
         report = {
-            "metrics": {f"{prefix}/{k}": stats[k] for k in COCO_STAT_NAMES},
+            "metrics": {f"{prefix}/{k}": v for k, v in stats.items()},
             "annotation_file": str(ann_file),
-            "results_file": str(self.results_path),
+            "results_file": files["bbox"],
+            "results_files": files,
             "backend": backend,
             "num_images": len(subset) if subset is not None else len(all_ids),
-            "num_detections": len(results),
+            "num_detections": counts["bbox"],
             "epoch": int(self.current_epoch),
             "global_step": int(self.global_step),
         }
