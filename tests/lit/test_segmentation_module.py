@@ -146,3 +146,25 @@ def test_ade20k_models_instantiate(make_cfg, name):
     module = hydra.utils.instantiate(cfg.model).eval()
     out = module.net(torch.zeros(1, 3, 128, 128))
     assert out.shape == (1, 150, 128, 128)
+
+
+def test_schedule_names_pick_the_builder_and_unknown_names_fail():
+    from types import SimpleNamespace
+
+    from timm.scheduler import MultiStepLRScheduler, PolyLRScheduler
+
+    net_cfg = {
+        "backbone": {"kind": "cednet", "model_name": "cednet_next_nano", "out_channels": 32},
+        "head": {"kind": "uper", "channels": 16, "pool_scales": [1, 2]},
+        "aux_head": None,
+    }
+    module = SegmentationModule(net=net_cfg, num_classes=3)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=50)  # only what configure_optimizers reads
+    assert isinstance(module.configure_optimizers()["lr_scheduler"]["scheduler"], PolyLRScheduler)  # default
+    module.hparams["scheduler"] = {"name": "multistep", "warmup_steps": 2}
+    assert isinstance(module.configure_optimizers()["lr_scheduler"]["scheduler"], MultiStepLRScheduler)
+    module.hparams["scheduler"] = {"name": "constant"}
+    assert "lr_scheduler" not in module.configure_optimizers()
+    module.hparams["scheduler"] = {"name": "cosine"}
+    with pytest.raises(ValueError, match=r"model.scheduler.name='cosine'.*multistep.*poly"):
+        module.configure_optimizers()

@@ -34,7 +34,7 @@ from cednet_pl.evaluation.coco_eval import (
     evaluate_coco,
     write_results_json,
 )
-from cednet_pl.lit.optim import top_lr
+from cednet_pl.lit.optim import build_poly_scheduler, top_lr
 from cednet_pl.models.detection import (
     CEDNetPyramid,
     RetinaNetDetector,
@@ -48,6 +48,7 @@ __all__ = [
     "BACKBONES",
     "DETECTION_TASKS",
     "DetectionModule",
+    "PerStepDenseOptimization",
     "build_backbone",
     "build_dense_optimizer",
     "build_multistep_scheduler",
@@ -230,7 +231,37 @@ def build_multistep_scheduler(
     return scheduler
 
 
-class DetectionModule(L.LightningModule):
+class PerStepDenseOptimization:
+    """``configure_optimizers`` of the dense-prediction modules (a mixin before ``L.LightningModule``).
+
+    The optimizer comes from ``hparams["optimizer"]`` (:func:`build_dense_optimizer`); ``hparams["scheduler"]``
+    names a per-step timm schedule (``multistep``: :func:`build_multistep_scheduler`, ``poly``:
+    :func:`~cednet_pl.lit.optim.build_poly_scheduler`, ``constant``/``none``), its other keys are the builder's
+    kwargs; ``default_schedule`` is used when it names none.
+    """
+
+    default_schedule = "multistep"
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
+        sched_cfg = dict(self.hparams["scheduler"] or {})
+        name = sched_cfg.pop("name", self.default_schedule)
+        if name in ("constant", "none"):
+            return {"optimizer": optimizer}
+        builders = {"multistep": build_multistep_scheduler, "poly": build_poly_scheduler}
+        if name not in builders:
+            raise ValueError(
+                f"model.scheduler.name={name!r}; expected one of {[*builders, 'constant', 'none']}"
+            )
+        total = int(self.trainer.estimated_stepping_batches)
+        return per_step_schedule(optimizer, builders[name](optimizer, total, **sched_cfg), total)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count
+        scheduler.step_update(num_updates=self.global_step)
+
+
+class DetectionModule(PerStepDenseOptimization, L.LightningModule):
     """RetinaNet training and COCO evaluation.
 
     Args:
@@ -506,16 +537,3 @@ class DetectionModule(L.LightningModule):
         with (out_dir / f"coco_metrics_{prefix}.json").open("w") as f:
             json.dump(report, f, indent=2)
         return stats
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
-        sched_cfg = dict(self.hparams["scheduler"] or {})
-        if sched_cfg.pop("name", "multistep") in ("constant", "none"):
-            return {"optimizer": optimizer}
-        total = int(self.trainer.estimated_stepping_batches)
-        return per_step_schedule(optimizer, build_multistep_scheduler(optimizer, total, **sched_cfg), total)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count
-        scheduler.step_update(num_updates=self.global_step)

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cednet_pl.lit.detection import (
-    build_dense_optimizer,
+    PerStepDenseOptimization,
     check_checkpoint_task,
     load_pretrained_backbone,
-    per_step_schedule,
 )
-from cednet_pl.lit.optim import build_poly_scheduler, top_lr
+from cednet_pl.lit.optim import top_lr
 from cednet_pl.models.segmentation import Segmentor, build_segmentor
 from cednet_pl.utils.logging import RankedLogger
 from cednet_pl.utils.run import plain
@@ -65,7 +64,7 @@ def segmentation_scores(confmat: torch.Tensor) -> dict[str, Any]:
     }
 
 
-class SegmentationModule(L.LightningModule):
+class SegmentationModule(PerStepDenseOptimization, L.LightningModule):
     """Semantic segmentation training and mIoU evaluation.
 
     Args:
@@ -83,6 +82,7 @@ class SegmentationModule(L.LightningModule):
         class_names: Names for the per-class JSON (default: the datamodule's ``class_names``, else indices).
     """
 
+    default_schedule = "poly"
     monitor = "val/miou"
     monitor_mode = "max"
     task = "segmentation"
@@ -245,16 +245,3 @@ class SegmentationModule(L.LightningModule):
         text = json.dumps(report, indent=2).replace("NaN", "null")
         out.write_text(text)
         return out
-
-    # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
-        sched_cfg = dict(self.hparams["scheduler"] or {})
-        if sched_cfg.pop("name", "poly") in ("constant", "none"):
-            return {"optimizer": optimizer}
-        total = int(self.trainer.estimated_stepping_batches)
-        return per_step_schedule(optimizer, build_poly_scheduler(optimizer, total, **sched_cfg), total)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count
-        scheduler.step_update(num_updates=self.global_step)
