@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -178,7 +179,8 @@ def predict_detection(
     cfg: DictConfig,
     out_dir: Path,
 ) -> list[dict[str, Any]]:
-    """COCO-style results JSON with the checkpoint's category ids/names, and the images with drawn boxes."""
+    """COCO-style results JSON with the checkpoint's category ids/names (instance segmentation: plus each
+    detection's mask as COCO RLE under ``segmentation``), and the images with drawn boxes."""
     from torchvision.transforms.functional import pil_to_tensor
     from torchvision.utils import draw_bounding_boxes
 
@@ -198,18 +200,22 @@ def predict_detection(
             dets = net([im.to(device).float().div(255.0) for im in images])
             for image, i, det in zip(images, idx, dets, strict=True):
                 boxes, scores, labels = det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu()
-                for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
+                rles = masks_to_rle(det["masks"].cpu()) if "masks" in det else None
+                for n, (box, score, label) in enumerate(
+                    zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)
+                ):
                     x0, y0, x1, y1 = box
-                    results.append(
-                        {
-                            "image_id": i,
-                            "file_name": str(files[i]),
-                            "category_id": int(category_ids[label]),
-                            "category_name": category_names[label],
-                            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-                            "score": round(float(score), 5),
-                        }
-                    )
+                    row = {
+                        "image_id": i,
+                        "file_name": str(files[i]),
+                        "category_id": int(category_ids[label]),
+                        "category_name": category_names[label],
+                        "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                        "score": round(float(score), 5),
+                    }
+                    if rles is not None:
+                        row["segmentation"] = rles[n]
+                    results.append(row)
                 keep = scores >= cfg.score_thresh
                 captions = [
                     f"{category_names[int(lb)]} {float(s):.2f}"
@@ -221,6 +227,43 @@ def predict_detection(
                 )
     (out_dir / "detections.json").write_text(json.dumps(results))
     return results
+
+
+def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """Mask R-CNN's soft masks ``(N, 1, H, W)`` as COCO RLE (threshold 0.5, counts as str), as in evaluation."""
+    from pycocotools import mask as mask_utils
+
+    binary = (masks[:, 0] > 0.5).numpy().astype(np.uint8)
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    return [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
+def predict_segmentation(
+    module: Any, files: list[Path], transform: Callable, names: list[str], out_dir: Path, device: torch.device
+) -> list[dict[str, Any]]:
+    """One label PNG per image (class index per pixel, at the image's resolution, through the module's evaluation
+    inference: sliding window / multi-scale as configured) under ``masks/``, and per image the pixel share of
+    each predicted class in ``segmentation.json``."""
+    module = module.to(device).eval()
+    mask_dir = out_dir / "masks"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    if len(names) > 256:
+        raise ValueError(f"{len(names)} classes do not fit the 8-bit label PNGs cednet-predict writes")
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for i, path in enumerate(_progress(files, len(files), "segment")):
+            with Image.open(path) as im:
+                image = transform(im.convert("RGB"))
+            label = module.predict_logits(image.to(device)).argmax(0).cpu()
+            out = mask_dir / f"{i:05d}_{path.stem}.png"
+            Image.fromarray(label.numpy().astype(np.uint8), mode="L").save(out)
+            counts = torch.bincount(label.flatten(), minlength=len(names))
+            shares = {
+                names[c]: round(float(n) / label.numel(), 6) for c, n in enumerate(counts.tolist()) if n
+            }
+            rows.append({"file": str(path), "mask": str(out), "class_shares": shares})
+    (out_dir / "segmentation.json").write_text(json.dumps({"class_names": names, "images": rows}, indent=1))
+    return rows
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -243,7 +286,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     task = str(getattr(module, "task", "classification"))
     log.info(f"{task} checkpoint {path}: {len(files)} image(s) -> {out_dir}")
-    if task == "detection":
+    if task in ("detection", "instance_segmentation"):
         num = module.num_classes
         ids = list(ckpt.get("category_ids") or module.category_ids or range(1, num + 1))
         names = [
@@ -257,8 +300,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(
                 f"the data config {data_cfg.get('_target_')} has no eval_transform(): cannot preprocess image files"
             )
-        names = class_names_for(ckpt, module.num_classes, datamodule)
-        preds = predict_classification(module, files, transform(), names, cfg, out_dir)
+        if task == "segmentation":
+            names = module.class_names or class_names_for(ckpt, module.num_classes, datamodule)
+            preds = predict_segmentation(module, files, transform(), names, out_dir, _device(cfg.device))
+        else:
+            names = class_names_for(ckpt, module.num_classes, datamodule)
+            preds = predict_classification(module, files, transform(), names, cfg, out_dir)
     return {"task": task, "files": files, "predictions": preds, "output_dir": out_dir}
 
 

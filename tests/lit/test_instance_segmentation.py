@@ -114,6 +114,24 @@ def test_eval_of_a_mask_checkpoint_and_wrong_tasks(make_cfg, tmp_path):
     coco = json.loads((tmp_path / "run" / "coco_metrics_val.json").read_text())
     assert coco["metrics"]["val/mask_map"] == pytest.approx(metrics["val/mask_map"])
 
+    # cednet-predict on a mask checkpoint: COCO results with an RLE mask of the image's size per detection
+    from PIL import Image
+
+    from cednet_pl.predict import predict
+
+    val_dir = Path(cfg.data.root) / "val"
+    out = predict(
+        make_cfg("predict", [f"ckpt={ckpt}", f"input={val_dir}", "extras.print_config=false"], fast=False)
+    )
+    assert out["task"] == "instance_segmentation"
+    sizes = {str(f): Image.open(f).size for f in out["files"]}
+    for row in out["predictions"]:
+        w, h = sizes[row["file_name"]]
+        assert row["segmentation"]["size"] == [h, w]
+        assert mask_utils.decode(
+            {**row["segmentation"], "counts": row["segmentation"]["counts"].encode()}
+        ).shape == (h, w)
+
     # a mask checkpoint given to the RetinaNet task, through cednet-eval and through the module
     with pytest.raises(ValueError, match="wrong-task checkpoint"):
         evaluate(make_cfg("eval", [f"ckpt={ckpt}", "model=retinanet_cednet_next_nano", "data=synthetic_det"]))
@@ -188,3 +206,18 @@ def test_mask_rcnn_3x_models_instantiate(make_cfg, name):
     assert [f.shape[-1] for f in feats.values()] == [64, 32, 16, 8, 4]
     assert all(f.shape[1] == 256 for f in feats.values())
     assert module.net.roi_heads.box_predictor.cls_score.out_features == 81
+
+
+def test_predicted_masks_become_coco_rle():
+    from cednet_pl.predict import masks_to_rle
+
+    soft = torch.zeros(2, 1, 5, 7)
+    soft[0, 0, 1:3, 2:6] = 0.9
+    soft[1, 0, 4, 0] = 0.6
+    soft[1, 0, 0, 0] = 0.5  # not above the 0.5 threshold
+    rles = masks_to_rle(soft)
+    assert [r["size"] for r in rles] == [[5, 7], [5, 7]]
+    json.dumps(rles)  # plain JSON (counts as str)
+    for r, m in zip(rles, soft, strict=True):
+        decoded = mask_utils.decode({**r, "counts": r["counts"].encode()})
+        assert np.array_equal(decoded, (m[0] > 0.5).numpy().astype(np.uint8))

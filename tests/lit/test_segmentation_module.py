@@ -2,7 +2,9 @@
 
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -89,6 +91,27 @@ def test_seg_demo_trains_and_eval_reproduces(make_cfg, tmp_path):
         assert emetrics[key] == metrics[key]
     again = json.loads((run / "per_class_iou_val.json").read_text())
     assert again["per_class"] == report["per_class"]
+
+    # cednet-predict: one label PNG per image at its resolution, equal to the module's evaluation inference
+    from PIL import Image
+
+    from cednet_pl.predict import predict
+
+    val_dir = Path(cfg.data.root) / "images" / "validation"
+    out = predict(
+        make_cfg("predict", [f"ckpt={ckpt}", f"input={val_dir}", "extras.print_config=false"], fast=False)
+    )
+    assert out["task"] == "segmentation" and len(out["predictions"]) == 3
+    module = objects["model"].eval()
+    transform = objects["datamodule"].eval_transform()
+    for row, path in zip(out["predictions"], out["files"], strict=True):
+        label = torch.from_numpy(np.array(Image.open(row["mask"]))).long()
+        with torch.no_grad():
+            image = transform(Image.open(path).convert("RGB"))
+            expected = module.predict_logits(image).argmax(0)
+        assert label.shape == (64, 64) and torch.equal(label, expected)
+        assert sum(row["class_shares"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert set(row["class_shares"]) <= {"background", *map(str, range(10))}
 
     # a segmentation checkpoint given to the classification / detection tasks
     with pytest.raises(ValueError, match="wrong-task checkpoint"):

@@ -26,7 +26,7 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +295,10 @@ class ADE20KDataModule(L.LightningDataModule):
             )
         self.train_dataset: SegmentationFolder | None = None
         self.val_dataset: SegmentationFolder | None = None
+
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """A PIL image -> the normalised tensor validation sees (cednet-predict)."""
+        return v2.Compose([v2.PILToTensor(), SegmentationEvalTransform().normalize])
 
     def _folder(self, split: str, transforms: Any) -> SegmentationFolder:
         hp = self.hparams
