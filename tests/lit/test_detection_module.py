@@ -14,7 +14,8 @@ from cednet_pl.evaluation import (
     evaluate_coco,
     write_results_json,
 )
-from cednet_pl.lit.detection import DetectionModule, detection_param_groups
+from cednet_pl.lit.detection import DetectionModule
+from cednet_pl.lit.optim import detection_param_groups
 from testlib import (
     FAST_OVERRIDES,
     TINY_DET_DATA,

@@ -50,7 +50,7 @@ def test_layer_decay_and_poly_schedule():
         },
         num_classes=3,
     )
-    from cednet_pl.lit.detection import detection_param_groups
+    from cednet_pl.lit.optim import detection_param_groups
 
     groups = detection_param_groups(module.net, weight_decay=0.05, layer_decay=0.9)
     scales = sorted({round(g["lr_scale"], 6) for g in groups})

@@ -22,9 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from timm.models import group_parameters
-from timm.optim import create_optimizer_v2
-from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -34,7 +31,7 @@ from cednet_pl.evaluation.coco_eval import (
     evaluate_coco,
     write_results_json,
 )
-from cednet_pl.lit.optim import build_poly_scheduler, top_lr
+from cednet_pl.lit.optim import PerStepDenseOptimization, top_lr
 from cednet_pl.models.detection import (
     CEDNetPyramid,
     RetinaNetDetector,
@@ -48,14 +45,9 @@ __all__ = [
     "BACKBONES",
     "DETECTION_TASKS",
     "DetectionModule",
-    "PerStepDenseOptimization",
     "build_backbone",
-    "build_dense_optimizer",
-    "build_multistep_scheduler",
     "check_checkpoint_task",
-    "detection_param_groups",
     "load_pretrained_backbone",
-    "per_step_schedule",
 ]
 
 log = RankedLogger(__name__)
@@ -78,86 +70,6 @@ def build_backbone(kind: str = "cednet", **kwargs: Any) -> torch.nn.Module:
     if kind not in BACKBONES:
         raise ValueError(f"backbone kind={kind!r}; expected one of {sorted(BACKBONES)}")
     return BACKBONES[kind](**kwargs)
-
-
-def detection_param_groups(
-    net: torch.nn.Module,
-    weight_decay: float = 0.05,
-    layer_decay: float | None = None,
-    head_weight_decay: float | None = None,
-) -> list[dict[str, Any]]:
-    """Parameter groups with layer-wise lr decay (``lr_scale``) and weight decay rules for a detector.
-
-    Layers come from ``net.group_matcher()`` (the backbone trunk's coarse groups: stem -> 0, ``stages.i`` ->
-    i + 1); every other parameter (CEDNet's pyramid convs, an FPN, the head) is the top layer, scale 1, and
-    layer ``i`` gets ``layer_decay ** (top - i)``. 1-D parameters (norms, biases, layer scales) and the trunk's
-    ``no_weight_decay()`` names get no weight decay. ``head_weight_decay`` (1e-4 in the original recipe)
-    replaces ``weight_decay`` for the parameters after the backbone: the head and an FPN neck.
-
-    Args:
-        net: The detector (:class:`~cednet_pl.models.detection.RetinaNetDetector`).
-        weight_decay: Decoupled weight decay of the backbone.
-        layer_decay: Layer-wise lr decay factor (None: off).
-        head_weight_decay: Weight decay after the backbone (None: ``weight_decay``).
-    """
-    matcher = net.group_matcher() if layer_decay and hasattr(net, "group_matcher") else {}
-    layer_of = group_parameters(net, matcher, reverse=True) if matcher else {}
-    top = max(layer_of.values(), default=0)
-    no_decay: set[str] = set()
-    trunk = getattr(getattr(net, "backbone", None), "trunk", None)
-    if trunk is not None and hasattr(trunk, "no_weight_decay"):
-        prefix = "backbone.body.model." if trunk is not net.backbone.body else "backbone.body."
-        no_decay = {prefix + n for n in trunk.no_weight_decay()}
-    groups: dict[tuple[int, float], dict[str, Any]] = {}
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = layer_of.get(name, top)
-        after_backbone = not name.startswith("backbone.") or name.startswith("backbone.fpn.")
-        if param.ndim <= 1 or name in no_decay:
-            decay = 0.0
-        elif after_backbone and head_weight_decay is not None:
-            decay = float(head_weight_decay)
-        else:
-            decay = float(weight_decay)
-        key = (layer, decay)
-        if key not in groups:
-            scale = float(layer_decay) ** (top - layer) if layer_decay else 1.0
-            groups[key] = {"params": [], "weight_decay": decay, "lr_scale": scale}
-        groups[key]["params"].append(param)
-    return [groups[k] for k in sorted(groups)]
-
-
-def build_dense_optimizer(net: torch.nn.Module, config: Mapping[str, Any] | None) -> torch.optim.Optimizer:
-    """The timm optimizer of a dense-prediction model from its plain config.
-
-    ``config``: ``name`` (adamw), ``lr``, ``weight_decay``, ``layer_decay``, ``head_weight_decay`` (see
-    :func:`detection_param_groups`), other timm optimizer kwargs (betas, eps).
-    """
-    cfg = dict(config or {})
-    name = cfg.pop("name", "adamw")
-    lr = float(cfg.pop("lr", 1e-4))
-    groups = detection_param_groups(
-        net,
-        weight_decay=cfg.pop("weight_decay", 0.05),
-        layer_decay=cfg.pop("layer_decay", None),
-        head_weight_decay=cfg.pop("head_weight_decay", None),
-    )
-    if cfg.get("betas") is not None:
-        cfg["betas"] = tuple(cfg["betas"])
-    return create_optimizer_v2(groups, opt=name, lr=lr, **cfg)
-
-
-def per_step_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, total_steps: int) -> dict[str, Any]:
-    """Lightning's ``configure_optimizers`` result for a timm scheduler stepped every optimizer step."""
-    log.info(
-        f"lr {optimizer.defaults['lr']:.3g}, {len(optimizer.param_groups)} param groups, "
-        f"{total_steps} optimizer steps"
-    )
-    return {
-        "optimizer": optimizer,
-        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-    }
 
 
 def load_pretrained_backbone(backbone: torch.nn.Module, spec: Any) -> None:
@@ -189,76 +101,6 @@ def check_checkpoint_task(
         raise ValueError(
             f"wrong-task checkpoint: it has no {head_name} ({head_prefix}*); not a {task} checkpoint"
         )
-
-
-def build_multistep_scheduler(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    milestones: Sequence[float] = (27 / 36, 33 / 36),
-    gamma: float = 0.1,
-    warmup_steps: int = 500,
-    warmup_factor: float = 0.001,
-) -> MultiStepLRScheduler:
-    """Linear warmup + step decay, per optimizer step, with milestones as fractions of the run.
-
-    A timm scheduler, so that each param group's ``lr_scale`` (layer decay) is applied; drive it with
-    ``step_update(global_step)``.
-
-    Args:
-        optimizer: The optimizer.
-        total_steps: Optimizer steps of the whole run.
-        milestones: Fractions of ``total_steps`` where the lr is multiplied by ``gamma`` (27/36 and 33/36 of the
-            COCO 3x schedule), so a shorter run keeps the same shape.
-        gamma: Decay factor at each milestone.
-        warmup_steps: Linear warmup length in optimizer steps (capped at a tenth of the run).
-        warmup_factor: Warmup starts at ``warmup_factor * lr``.
-    """
-    total_steps = max(1, int(total_steps))
-    if any(not 0 < m < 1 for m in milestones):
-        raise ValueError(f"scheduler milestones are fractions of the run in (0, 1), got {list(milestones)}")
-    warmup = min(int(warmup_steps), total_steps // 10)
-    base_lr = max(float(g["lr"]) for g in optimizer.param_groups)
-    scheduler = MultiStepLRScheduler(
-        optimizer,
-        decay_t=[max(1, round(m * total_steps)) for m in milestones],
-        decay_rate=gamma,
-        warmup_t=warmup,
-        warmup_lr_init=base_lr * warmup_factor,
-        warmup_prefix=False,
-        t_in_epochs=False,
-    )
-    scheduler.step_update(num_updates=0)
-    return scheduler
-
-
-class PerStepDenseOptimization:
-    """``configure_optimizers`` of the dense-prediction modules (a mixin before ``L.LightningModule``).
-
-    The optimizer comes from ``hparams["optimizer"]`` (:func:`build_dense_optimizer`); ``hparams["scheduler"]``
-    names a per-step timm schedule (``multistep``: :func:`build_multistep_scheduler`, ``poly``:
-    :func:`~cednet_pl.lit.optim.build_poly_scheduler`, ``constant``/``none``), its other keys are the builder's
-    kwargs; ``default_schedule`` is used when it names none.
-    """
-
-    default_schedule = "multistep"
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_dense_optimizer(self.net, self.hparams["optimizer"])
-        sched_cfg = dict(self.hparams["scheduler"] or {})
-        name = sched_cfg.pop("name", self.default_schedule)
-        if name in ("constant", "none"):
-            return {"optimizer": optimizer}
-        builders = {"multistep": build_multistep_scheduler, "poly": build_poly_scheduler}
-        if name not in builders:
-            raise ValueError(
-                f"model.scheduler.name={name!r}; expected one of {[*builders, 'constant', 'none']}"
-            )
-        total = int(self.trainer.estimated_stepping_batches)
-        return per_step_schedule(optimizer, builders[name](optimizer, total, **sched_cfg), total)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # NOTE: timm schedulers apply each group's `lr_scale` (layer decay); driven by the optimizer step count
-        scheduler.step_update(num_updates=self.global_step)
 
 
 class DetectionModule(PerStepDenseOptimization, L.LightningModule):

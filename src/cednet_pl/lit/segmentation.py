@@ -23,12 +23,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from cednet_pl.lit.detection import (
-    PerStepDenseOptimization,
-    check_checkpoint_task,
-    load_pretrained_backbone,
-)
-from cednet_pl.lit.optim import top_lr
+from cednet_pl.lit.detection import check_checkpoint_task, load_pretrained_backbone
+from cednet_pl.lit.optim import PerStepDenseOptimization, top_lr
 from cednet_pl.models.segmentation import Segmentor, build_segmentor
 from cednet_pl.utils.logging import RankedLogger
 from cednet_pl.utils.run import plain
