@@ -90,8 +90,24 @@ def test_training_overrides_compose(appendix_b, tmp_path):
         assert cfg.data.num_train == 8 and cfg.data.image_size == cfg.data.test_max_size == 64
         assert cfg.trainer.devices == 1 and cfg.callbacks.gradient_regions is None
         assert cfg.callbacks.detection_quality is not None
-    # no option: exactly the recipe
-    assert appendix_b.shrink_overrides(appendix_b.build_parser().parse_args([])) == []
+    # no option: the recipe over DEFAULT_EPOCHS (both detectors alike); --epochs 0: exactly det_demo's recipe
+    default = appendix_b.shrink_overrides(appendix_b.build_parser().parse_args([]))
+    epochs = appendix_b.DEFAULT_EPOCHS
+    assert default == [f"trainer.max_epochs={epochs}", f"trainer.check_val_every_n_epoch={epochs}"]
+    assert appendix_b.shrink_overrides(appendix_b.build_parser().parse_args(["--epochs", "0"])) == []
+
+
+def test_reuse_refuses_a_run_with_other_overrides(appendix_b, tmp_path):
+    """A finished run is reused only if it was trained with the same overrides (else the table would mix)."""
+    run = tmp_path / "seed0" / "cednet"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    det = appendix_b.DETECTORS[0]
+    made = appendix_b.train_command(det, 0, run, ["trainer.max_epochs=9"])
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in made[3:] if not a.startswith("hydra.")))
+    assert appendix_b.train(det, 0, run, ["trainer.max_epochs=9"]) == 0.0
+    with pytest.raises(SystemExit, match=r"trainer\.max_epochs=14"):
+        appendix_b.train(det, 0, run, ["trainer.max_epochs=14"])
 
 
 @pytest.mark.slow
