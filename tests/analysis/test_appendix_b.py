@@ -104,7 +104,9 @@ def test_reuse_refuses_a_run_with_other_overrides(appendix_b, tmp_path):
     (run / "metrics.json").write_text("{}")
     det = appendix_b.DETECTORS[0]
     made = appendix_b.train_command(det, 0, run, ["trainer.max_epochs=9"])
-    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {a}\n" for a in made[3:] if not a.startswith("hydra.")))
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {a}\n" for a in made[3:] if not a.startswith("hydra."))
+    )
     assert appendix_b.train(det, 0, run, ["trainer.max_epochs=9"]) == 0.0
     with pytest.raises(SystemExit, match=r"trainer\.max_epochs=14"):
         appendix_b.train(det, 0, run, ["trainer.max_epochs=14"])
