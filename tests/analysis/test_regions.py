@@ -85,6 +85,15 @@ def test_area_fractions_hand_computed_and_extremes():
     assert area_fractions(m, thr).tolist() == [1.0, 0.75, 0.75, 0.5, 0.25, 0.25, 0.0, 0.0]
 
 
+def test_area_fractions_equal_the_definition_on_random_maps_with_ties():
+    """The bucketized count is exactly the fraction of pixels strictly above each threshold."""
+    torch.manual_seed(0)
+    thr = default_thresholds(101)
+    for gmap in (torch.rand(64, 48).pow(4), (torch.rand(33, 31) * 20).round() / 20, torch.zeros(5, 5)):
+        brute = (gmap.flatten().double()[None] > thr[:, None]).double().mean(1)
+        assert torch.equal(area_fractions(gmap, thr), brute)
+
+
 def test_area_curves_monotone_with_extremes():
     torch.manual_seed(0)
     maps = [torch.rand(17, 23).pow(3) * s for s in (0.001, 5.0, 300.0)]
