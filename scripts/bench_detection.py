@@ -18,7 +18,6 @@ the timed training steps is reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ import torch
 
 from cednet_pl.lit.detection import build_backbone
 from cednet_pl.models.detection import build_maskrcnn, build_retinanet
+from cednet_pl.utils.bench import add_device_args, autocast, resolve_device, sync
 
 CEDNET_T = {"kind": "cednet", "model_name": "cednet_next_tiny", "drop_path_rate": 0.2}
 CONVNEXT_T = {"kind": "timm_fpn", "model_name": "convnext_tiny", "drop_path_rate": 0.4}
@@ -82,32 +82,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)"
-    )
+    add_device_args(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    args.amp = args.amp or ("bf16" if args.device == "cuda" else "none")
-    device = torch.device(args.device)
+    device = resolve_device(parser, args)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = cuda
     memory_format = torch.channels_last if cuda else torch.contiguous_format
 
-    def autocast() -> contextlib.AbstractContextManager:
-        if args.amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
     def clock() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter()
 
     nets, opts = {}, {}
@@ -126,7 +112,7 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = clock()
-        with autocast():
+        with autocast(device, args.amp):
             losses = net(images, targets)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -140,7 +126,7 @@ def main() -> None:
     def infer(name: str) -> float:
         net = nets[name].eval()
         t0 = clock()
-        with autocast():
+        with autocast(device, args.amp):
             net(images)
         return clock() - t0
 

@@ -26,7 +26,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import resource
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 
 import cednet_pl  # noqa: F401  (registers the CEDNet variants with timm)
 from cednet_pl.models.blocks import DepthwiseConv2d
+from cednet_pl.utils.bench import add_device_args, autocast, resolve_device, sync
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -97,23 +97,12 @@ class Runner:
     peak_mem_delta: int = 0
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(
     runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: str
 ) -> torch.Tensor:
     """Forward, cross-entropy, backward, optimizer step; returns the (detached) loss."""
     runner.optimizer.zero_grad(set_to_none=True)
-    with _autocast(device, amp):
+    with autocast(device, amp):
         loss = F.cross_entropy(runner.model(x), y)
     loss.backward()
     runner.optimizer.step()
@@ -125,10 +114,10 @@ def timed_step(runner: Runner, x: torch.Tensor, y: torch.Tensor, device: torch.d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         train_step(runner, x, y, device, amp)
-        _sync(device)
+        sync(device)
         runner.times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated(device)
         runner.peak_mem = max(runner.peak_mem, peak)
@@ -225,7 +214,7 @@ def profile_step(
         sort_by = "self_cuda_time_total"
     with profile(activities=activities, record_shapes=args.profile_shapes) as prof:
         train_step(runner, x, y, device, args.amp)
-        _sync(device)
+        sync(device)
     averages = prof.key_averages(group_by_input_shape=args.profile_shapes)
     return averages.table(sort_by=sort_by, row_limit=args.profile_rows)
 
@@ -257,7 +246,7 @@ def op_type_table(runners: list, x: torch.Tensor, y: torch.Tensor, device: torch
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()
             train_step(runner, x, y, device, amp)
-            _sync(device)
+            sync(device)
             wall = time.perf_counter() - start
         totals = {"whole step (profiled wall)": wall}
         for e in prof.key_averages(group_by_input_shape=True):
@@ -302,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--baseline", default=None, help="model the ratio is taken against (default: the last one)"
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -310,7 +299,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument(
         "--our-dwconv",
@@ -329,12 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="profile one step of every model and print self CPU time per operator type (CPU only)",
     )
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if args.amp is None:
-        args.amp = "bf16" if args.device == "cuda" else "none"
+    resolve_device(p, args)
     if args.reps < 1 or args.warmup < 0 or args.batch_size < 1:
         p.error("--reps must be >= 1, --warmup >= 0, --batch-size >= 1")
     args.baseline = args.baseline or args.models[-1]
@@ -370,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for _ in range(args.warmup):
         for r in runners:
             train_step(r, x, y, device, args.amp)
-    _sync(device)
+    sync(device)
     for _ in range(args.reps):
         for r in runners:
             timed_step(r, x, y, device, args.amp)

@@ -15,7 +15,6 @@ disturbed by other processes; CPU time much less). On CUDA the models run channe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cednet_pl.models.segmentation import ADE20K_MODELS, build_segmentor
+from cednet_pl.utils.bench import add_device_args, autocast, resolve_device, sync
 
 
 def main() -> None:
@@ -37,32 +37,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(ADE20K_MODELS), choices=list(ADE20K_MODELS))
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument(
-        "--amp", choices=["none", "bf16"], default=None, help="autocast (default: bf16 on CUDA)"
-    )
+    add_device_args(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    args.amp = args.amp or ("bf16" if args.device == "cuda" else "none")
-    device = torch.device(args.device)
+    device = resolve_device(parser, args)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = cuda
     memory_format = torch.channels_last if cuda else torch.contiguous_format
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if args.amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
 
     nets, opts = {}, {}
     for name in args.models:
@@ -81,15 +64,15 @@ def main() -> None:
         net, opt = nets[name], opts[name]
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        sync()
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        with autocast():
+        with autocast(device, args.amp):
             logits, aux = net(images, with_aux=True)
         loss = F.cross_entropy(logits.float(), labels) + 0.4 * F.cross_entropy(aux.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sync()
+        sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if cuda:
             peak_mem[name] = max(peak_mem[name], torch.cuda.max_memory_allocated(device))
