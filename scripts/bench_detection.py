@@ -29,7 +29,7 @@ import torch
 
 from cednet_pl.lit.detection import build_backbone
 from cednet_pl.models.detection import build_maskrcnn, build_retinanet
-from cednet_pl.utils.bench import add_device_args, autocast, resolve_device, sync
+from cednet_pl.utils.bench import add_device_args, autocast, configure, resolve_device, sync
 
 CEDNET_T = {"kind": "cednet", "model_name": "cednet_next_tiny", "drop_path_rate": 0.2}
 CONVNEXT_T = {"kind": "timm_fpn", "model_name": "convnext_tiny", "drop_path_rate": 0.4}
@@ -87,10 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(parser, args)
     cuda = device.type == "cuda"
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = cuda
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    memory_format = configure(device, args.threads)
 
     def clock() -> float:
         sync(device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cednet_pl.models.segmentation import ADE20K_MODELS, build_segmentor
-from cednet_pl.utils.bench import add_device_args, autocast, resolve_device, sync
+from cednet_pl.utils.bench import add_device_args, autocast, configure, resolve_device, sync
 
 
 def main() -> None:
@@ -42,10 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(parser, args)
     cuda = device.type == "cuda"
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = cuda
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    memory_format = configure(device, args.threads)
 
     nets, opts = {}, {}
     for name in args.models:

@@ -2,7 +2,8 @@
 
 :func:`add_device_args` adds ``--device`` and ``--amp`` to a parser; :func:`resolve_device` turns ``auto`` into
 CUDA when present, defaults ``--amp`` to bf16 on CUDA and returns the device; :func:`autocast` is the matching
-autocast context; :func:`sync` waits for queued CUDA work before a clock is read.
+autocast context; :func:`configure` sets threads, seed and cuDNN autotuning and picks the memory
+format; :func:`sync` waits for queued CUDA work before a clock is read.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 
 import torch
 
-__all__ = ["add_device_args", "autocast", "resolve_device", "sync"]
+__all__ = ["add_device_args", "autocast", "configure", "resolve_device", "sync"]
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -50,3 +51,14 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def configure(device: torch.device, threads: int | None, seed: int = 0) -> torch.memory_format:
+    """Set the CPU threads (None: torch's default), the seed and cuDNN autotuning (CUDA only); return the memory
+    format the models and inputs should use (channels_last on CUDA, contiguous on CPU)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
+    return torch.channels_last if cuda else torch.contiguous_format
