@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -55,3 +56,33 @@ def test_cached_unless_parameters_change(tmp_path):
     generate_synthetic_det(root, seed=0, **{**SMALL, "num_val": 2})
     assert len(json.loads((root / "annotations" / "instances_val.json").read_text())["images"]) == 2
     assert json.loads((root / "manifest.json").read_text())["num_val"] == 2
+
+
+def test_grid_layout_puts_one_grey_digit_in_each_chosen_cell(tmp_path):
+    root = generate_synthetic_det(tmp_path / "g", seed=0, grid=2, **{**SMALL, "digit_size": (40, 60)})
+    data, pixels = _read(root, "train")
+    free, _ = _read(generate_synthetic_det(tmp_path / "f", seed=0, **SMALL), "train")
+    assert data["annotations"] != free["annotations"]
+    cell = SMALL["image_size"] // 2
+    for im, px in zip(data["images"], pixels, strict=True):
+        anns = [a for a in data["annotations"] if a["image_id"] == im["id"]]
+        assert SMALL["num_digits"][0] <= len(anns) <= SMALL["num_digits"][1]
+        # grey ink on black: equal channels, black wherever no digit is
+        assert np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 0], px[..., 2])
+        union = np.zeros(px.shape[:2], dtype=bool)
+        cells = set()
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            row, col = y // cell, x // cell
+            # the digit stays inside its cell (capped at the cell side), one digit per cell
+            assert (y + h - 1) // cell == row and (x + w - 1) // cell == col and (row, col) not in cells
+            cells.add((row, col))
+            union |= mask_utils.decode(ann["segmentation"]).astype(bool)
+        assert px[~union].max(initial=0) == 0 and px[union].min() > 0
+    assert json.loads((root / "manifest.json").read_text())["grid"] == 2
+    assert "grid" not in json.loads((tmp_path / "f" / "manifest.json").read_text())
+
+
+def test_grid_layout_rejects_more_digits_than_cells(tmp_path):
+    with pytest.raises(ValueError, match="num_digits max <= n \\* n"):
+        generate_synthetic_det(tmp_path / "g", grid=1, **SMALL)

@@ -14,7 +14,8 @@ scikit-learn images, upscaled) of varied size, position and colour. Digits never
 box is exact: it is the bounding box of the digit's mask, and the mask itself is stored as a COCO RLE
 (so copy-paste augmentation can cut digits out). Train and val digits come from disjoint halves of the
 scikit-learn images. Category ids are deliberately non-contiguous (digit ``d`` has id ``2 d + 1``),
-as in COCO, so the label mapping is exercised. Everything is a function of the seed.
+as in COCO, so the label mapping is exercised. Everything is a function of the seed. With ``grid=n`` the
+digits are grey ink on black instead, one per cell of an n x n grid (the ``seg_demo`` layout).
 
 :class:`SyntheticDetDataModule` is the COCO data module on top of it (the ``det_demo`` default).
 """
@@ -116,6 +117,46 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
     return np.where(mean > 0.5, 0.0, 1.0)
 
 
+def _ink_alpha(digit: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Upscale an 8x8 digit (0..16) to h x w as grey ink: its intensity where above the mask threshold, else 0."""
+    a = np.asarray(
+        Image.fromarray((digit / 16.0).astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
+    )
+    return np.where(a > _ALPHA_LOW, np.clip(a, 0, 1), 0.0)
+
+
+def _render_grid(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    digits: np.ndarray,
+    targets: np.ndarray,
+    size: int,
+    k: int,
+    digit_size: tuple[int, int],
+    grid: int,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Grey digits (the scikit-learn look: ink on black), one in each of ``k`` random cells of a grid x grid
+    layout, square, ``digit_size`` high (capped at the cell) and placed anywhere inside their cell."""
+    img = np.zeros((size, size, 3), dtype=np.float32)
+    cell = size // grid
+    objects = []
+    for index in sorted(rng.choice(grid * grid, size=min(k, grid * grid), replace=False).tolist()):
+        src = int(rng.choice(pool))
+        h = min(int(rng.integers(digit_size[0], digit_size[1] + 1)), cell)
+        alpha = _ink_alpha(digits[src], h, h)
+        ys, xs = np.nonzero(alpha > 0)
+        if len(ys) == 0:
+            continue
+        y0 = (index // grid) * cell + int(rng.integers(0, cell - h + 1))
+        x0 = (index % grid) * cell + int(rng.integers(0, cell - h + 1))
+        img[y0 : y0 + h, x0 : x0 + h] = alpha[..., None]
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[y0 : y0 + h, x0 : x0 + h] = alpha > 0
+        box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        objects.append({"digit": int(targets[src]), "box": box, "mask": mask})
+    return (img * 255).round().astype(np.uint8), objects
+
+
 def _render_image(
     rng: np.random.Generator,
     pool: np.ndarray,
@@ -125,7 +166,11 @@ def _render_image(
     num_digits: tuple[int, int],
     digit_size: tuple[int, int],
     empty_prob: float,
+    grid: int = 0,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    if grid:
+        k = 0 if rng.random() < empty_prob else int(rng.integers(num_digits[0], num_digits[1] + 1))
+        return _render_grid(rng, pool, digits, targets, size, k, digit_size, grid)
     img = _background(rng, size, size)
     k = 0 if rng.random() < empty_prob else int(rng.integers(num_digits[0], num_digits[1] + 1))
     boxes: list[tuple[int, int, int, int]] = []
@@ -182,6 +227,7 @@ def generate_synthetic_det(
     digit_size: Sequence[int] = (24, 72),
     empty_prob: float = 0.02,
     seed: int = 0,
+    grid: int = 0,
 ) -> Path:
     """Render the synthetic detection set into ``root`` unless it is already there with the same parameters.
 
@@ -194,6 +240,10 @@ def generate_synthetic_det(
         digit_size: Inclusive range of digit heights in pixels.
         empty_prob: Probability that a canvas has no digit (images without objects are valid COCO).
         seed: Seed of everything (pool split, backgrounds, digits, placement, colours).
+        grid: 0 (default): coloured digits placed freely on synthetic backgrounds. ``n > 0``: the canvas is an
+            ``n x n`` grid of cells and ``num_digits`` of them (chosen at random) hold one grey, square digit
+            (ink on black, as the scikit-learn images) placed anywhere inside its cell, ``digit_size`` high
+            (capped at the cell side): digits sit near fixed positions (the ``seg_demo`` set).
 
     Returns:
         ``root`` as a Path.
@@ -209,6 +259,12 @@ def generate_synthetic_det(
         )
     if not 8 <= digit_size[0] <= digit_size[1] <= image_size:
         raise ValueError(f"digit_size must be a range within [8, image_size={image_size}], got {digit_size}")
+    grid = int(grid)
+    if grid < 0 or (grid and (image_size // grid < 8 or num_digits[1] > grid * grid)):
+        raise ValueError(
+            f"grid={grid}: expected 0 (free placement) or n >= 1 with cells of at least 8 px "
+            f"(image_size={image_size}) and num_digits max <= n * n (got {num_digits})"
+        )
     manifest = {
         "version": MANIFEST_VERSION,
         "num_train": int(num_train),
@@ -219,6 +275,8 @@ def generate_synthetic_det(
         "empty_prob": float(empty_prob),
         "seed": int(seed),
     }
+    if grid:  # (free-placement manifests stay as they were: their cached sets remain valid)
+        manifest["grid"] = grid
     if manifest_matches(root / "manifest.json", manifest):
         return root
 
@@ -238,7 +296,7 @@ def generate_synthetic_det(
         for i in range(count):
             rng = np.random.default_rng([seed, split_index, i])
             pixels, objects = _render_image(
-                rng, pools[split], digits, targets, image_size, num_digits, digit_size, empty_prob
+                rng, pools[split], digits, targets, image_size, num_digits, digit_size, empty_prob, grid
             )
             image_id = offset + i + 1
             file_name = f"{image_id:06d}.png"
