@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 
 import cednet_pl  # noqa: F401  (registers the RevCol variants with timm)
+from cednet_pl.utils.bench import sync
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import _rss_bytes, _RssSampler, _sync  # the shared harness
+from bench_models import _rss_bytes, _RssSampler  # the shared harness
 
 
 def saved_activation_bytes(
@@ -84,7 +85,7 @@ def measure(
     with _RssSampler() as sampler:
         saved, loss = saved_activation_bytes(model, x, y, amp)
         loss.backward()
-        _sync(dev)
+        sync(dev)
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else sampler.peak) - before
     return {"saved": saved, "peak": peak, "seconds": seconds}
