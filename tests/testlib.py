@@ -175,3 +175,21 @@ def perturbed_predictions(ann_file, seed, predict, false_positive):
         image_ids.append(image_id)
         out.append((preds, scores, labels))
     return cat_ids, image_ids, out
+
+
+def assert_coco_3x_recipe(
+    cfg, name: str, model_name: str, drop_path: float, layer_decay: float | None
+) -> None:
+    """The COCO 3x recipe shared by the RetinaNet and Mask R-CNN experiments (released configs)."""
+    assert cfg.task_name == name and cfg.data._target_.endswith("COCODataModule")
+    assert cfg.model.backbone.model_name == model_name and cfg.model.backbone.drop_path_rate == drop_path
+    assert cfg.model.optimizer.layer_decay == layer_decay and cfg.model.optimizer.lr == 1e-4
+    assert cfg.model.optimizer.weight_decay == 0.05
+    assert cfg.data.batch_size * cfg.trainer.devices == 16 and cfg.trainer.max_epochs == 36
+    assert [round(m * 36) for m in cfg.model.scheduler.milestones] == [27, 33]
+    assert (cfg.data.train_size, list(cfg.data.scale_range), cfg.data.copy_paste_prob) == (
+        1024,
+        [0.1, 2.0],
+        0.5,
+    )
+    assert cfg.model.num_classes == 80 and "mixed" in cfg.trainer.precision

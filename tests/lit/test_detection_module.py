@@ -20,6 +20,7 @@ from testlib import (
     FAST_OVERRIDES,
     TINY_DET_DATA,
     CrashAtEpoch,
+    assert_coco_3x_recipe,
     compose_config,
     perturbed_predictions,
     with_extra_callback,
@@ -229,19 +230,9 @@ def test_detection_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
 )
 def test_coco_3x_experiments_compose(make_cfg, name, model_name, drop_path, layer_decay):
     cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
-    assert cfg.task_name == name and cfg.data._target_.endswith("COCODataModule")
-    assert cfg.model.backbone.model_name == model_name and cfg.model.backbone.drop_path_rate == drop_path
-    assert cfg.model.optimizer.layer_decay == layer_decay and cfg.model.optimizer.lr == 1e-4
-    assert cfg.data.batch_size * cfg.trainer.devices == 16 and cfg.trainer.max_epochs == 36
-    assert [round(m * 36) for m in cfg.model.scheduler.milestones] == [27, 33]
-    assert (cfg.data.train_size, list(cfg.data.scale_range), cfg.data.copy_paste_prob) == (
-        1024,
-        [0.1, 2.0],
-        0.5,
-    )
+    assert_coco_3x_recipe(cfg, name, model_name, drop_path, layer_decay)
     det = cfg.model.detector
     assert (det.min_size, det.max_size, det.size_divisible) == (800, 1333, 128)
-    assert cfg.model.num_classes == 80 and "mixed" in cfg.trainer.precision
 
 
 @pytest.mark.slow

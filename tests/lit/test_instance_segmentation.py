@@ -18,7 +18,7 @@ from cednet_pl.evaluation import (
     write_results_json,
 )
 from cednet_pl.lit.instance_segmentation import InstanceSegmentationModule
-from testlib import TINY_DET_DATA, perturbed_predictions
+from testlib import TINY_DET_DATA, assert_coco_3x_recipe, perturbed_predictions
 
 
 def perturbed_mask_results(ann_file, seed=0):
@@ -178,19 +178,8 @@ def test_mask_model_needs_mask_data(make_cfg):
 )
 def test_mask_rcnn_3x_experiments_compose(make_cfg, name, model_name, drop_path, layer_decay):
     cfg = make_cfg("train", [f"+experiment={name}"], fast=False)
-    assert cfg.task_name == name and cfg.data._target_.endswith("COCODataModule") and cfg.data.with_masks
-    assert cfg.model._target_.endswith("InstanceSegmentationModule")
-    assert cfg.model.backbone.model_name == model_name and cfg.model.backbone.drop_path_rate == drop_path
-    assert cfg.model.optimizer.layer_decay == layer_decay and cfg.model.optimizer.lr == 1e-4
-    assert cfg.model.optimizer.weight_decay == 0.05
-    assert cfg.data.batch_size * cfg.trainer.devices == 16 and cfg.trainer.max_epochs == 36
-    assert [round(m * 36) for m in cfg.model.scheduler.milestones] == [27, 33]
-    assert (cfg.data.train_size, list(cfg.data.scale_range), cfg.data.copy_paste_prob) == (
-        1024,
-        [0.1, 2.0],
-        0.5,
-    )
-    assert "mixed" in cfg.trainer.precision and cfg.model.num_classes == 80
+    assert_coco_3x_recipe(cfg, name, model_name, drop_path, layer_decay)
+    assert cfg.data.with_masks and cfg.model._target_.endswith("InstanceSegmentationModule")
     assert "head_norm" not in cfg.model.detector
 
 
