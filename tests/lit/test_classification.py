@@ -131,6 +131,30 @@ def test_ema_is_frozen_updated_and_evaluated() -> None:
     assert "acc1_ema" in module.val_metrics and "acc5_ema" in module.val_metrics
 
 
+@pytest.mark.parametrize("name", ["cednet_next_nano", "revcol_tiny"])
+def test_deep_supervision_checkpoint_loads_into_a_module_without_stage_heads(name) -> None:
+    """A checkpoint trained with the stage heads (and EMA) evaluates with deep_supervision=false: the training-only
+    heads are dropped; everything else must still match (strict load)."""
+    net = {"name": name, "num_classes": 10}
+    if name.startswith("revcol"):
+        net["aux_heads"] = True
+    trained = ClassificationModule(net=net, deep_supervision=True, ema={"decay": 0.5})
+    plain_net = {**net, "aux_heads": False} if name.startswith("revcol") else net
+    module = ClassificationModule(net=plain_net, deep_supervision=False, ema={"decay": 0.5})
+    checkpoint = {"state_dict": trained.state_dict()}
+    extra = set(checkpoint["state_dict"]) - set(module.state_dict())
+    assert extra and {k.split(".")[0] for k in extra} == {"net", "ema"}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    key = next(k for k in module.state_dict() if k.startswith("net."))
+    assert torch.equal(module.state_dict()[key], trained.state_dict()[key])
+    # other mismatches still fail the strict load
+    broken = {"state_dict": {**trained.state_dict(), "net.not_a_layer.weight": torch.zeros(1)}}
+    module.on_load_checkpoint(broken)
+    with pytest.raises(RuntimeError, match="not_a_layer"):
+        module.load_state_dict(broken["state_dict"], strict=True)
+
+
 def test_channels_last() -> None:
     module = ClassificationModule(net=NANO, channels_last=True)
     assert module.net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
