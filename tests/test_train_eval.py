@@ -87,6 +87,17 @@ def test_eval_without_ema_rebuilds_from_checkpoint(trained_run: Path, make_cfg) 
     assert metrics["val/acc1"] == pytest.approx(_metrics(trained_run)["metrics"]["val/acc1"], abs=1e-6)
 
 
+def test_eval_of_a_deep_supervision_checkpoint_without_stage_heads(trained_run: Path, make_cfg) -> None:
+    """Trained with every stage's head; evaluated as the inference model (the last head): same val/acc1."""
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["deep_supervision"]
+    metrics, objects = evaluate(
+        make_cfg("eval", [f"ckpt={ckpt}", "model.deep_supervision=false", "+trainer.limit_val_batches=2"])
+    )
+    assert not objects["model"].net.aux_heads and not objects["model"].deep_supervision
+    assert metrics["val/acc1"] == pytest.approx(_metrics(trained_run)["metrics"]["val/acc1"], abs=1e-6)
+
+
 def test_eval_released_state_dict(trained_run: Path, make_cfg, tmp_path: Path) -> None:
     ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     pth = tmp_path / "nano.pth"
