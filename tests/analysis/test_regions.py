@@ -92,6 +92,9 @@ def test_area_fractions_equal_the_definition_on_random_maps_with_ties():
     for gmap in (torch.rand(64, 48).pow(4), (torch.rand(33, 31) * 20).round() / 20, torch.zeros(5, 5)):
         brute = (gmap.flatten().double()[None] > thr[:, None]).double().mean(1)
         assert torch.equal(area_fractions(gmap, thr), brute)
+        # thresholds in any order (and repeated) give the same fraction per threshold
+        perm = torch.cat([torch.randperm(thr.numel()), torch.tensor([7, 7])])
+        assert torch.equal(area_fractions(gmap, thr[perm]), brute[perm])
 
 
 def test_area_curves_monotone_with_extremes():

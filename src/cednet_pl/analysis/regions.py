@@ -168,10 +168,12 @@ def area_fractions(gmap: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     n = flat.numel()
     if n == 0:
         raise ValueError("cannot compute the area fractions of an empty map")
-    thr = thresholds.to(device=flat.device, dtype=torch.float64).contiguous()
+    # bucketize needs ascending boundaries: count against the sorted thresholds, answer in the caller's order
+    thr, order = thresholds.to(device=flat.device, dtype=torch.float64).flatten().sort()
     # NOTE: one bucketize + bincount instead of sorting the map (3x faster at 256x256): bucket i holds the pixels
     # with thr[i-1] < x <= thr[i], so the cumulative count at j is the number of pixels <= thr[j]
-    at_most = torch.bincount(torch.bucketize(flat, thr), minlength=thr.numel() + 1).cumsum(0)[:-1]
+    at_most = torch.empty_like(order)
+    at_most[order] = torch.bincount(torch.bucketize(flat, thr), minlength=thr.numel() + 1).cumsum(0)[:-1]
     return (n - at_most).to(torch.float64) / n
 
 
