@@ -100,12 +100,16 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def _digit_alpha(digit: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Upscale an 8x8 digit (0..16) to h x w and turn it into an opacity map (0 outside the mask)."""
-    a = np.asarray(
+def _upscale(digit: np.ndarray, h: int, w: int) -> np.ndarray:
+    """An 8x8 digit (0..16) as intensities 0..1, bilinearly upscaled to h x w."""
+    return np.asarray(
         Image.fromarray((digit / 16.0).astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
     )
-    return np.clip((a - _ALPHA_LOW) / (_ALPHA_HIGH - _ALPHA_LOW), 0, 1)
+
+
+def _digit_alpha(digit: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Upscale an 8x8 digit (0..16) to h x w and turn it into an opacity map (0 outside the mask)."""
+    return np.clip((_upscale(digit, h, w) - _ALPHA_LOW) / (_ALPHA_HIGH - _ALPHA_LOW), 0, 1)
 
 
 def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
@@ -119,10 +123,13 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
 
 def _ink_alpha(digit: np.ndarray, h: int, w: int) -> np.ndarray:
     """Upscale an 8x8 digit (0..16) to h x w as grey ink: its intensity where above the mask threshold, else 0."""
-    a = np.asarray(
-        Image.fromarray((digit / 16.0).astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
-    )
+    a = _upscale(digit, h, w)
     return np.where(a > _ALPHA_LOW, np.clip(a, 0, 1), 0.0)
+
+
+def _digit_count(rng: np.random.Generator, num_digits: tuple[int, int], empty_prob: float) -> int:
+    """Digits on one canvas: 0 with probability ``empty_prob``, else uniform in the inclusive ``num_digits``."""
+    return 0 if rng.random() < empty_prob else int(rng.integers(num_digits[0], num_digits[1] + 1))
 
 
 def _render_grid(
@@ -169,10 +176,11 @@ def _render_image(
     grid: int = 0,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     if grid:
-        k = 0 if rng.random() < empty_prob else int(rng.integers(num_digits[0], num_digits[1] + 1))
-        return _render_grid(rng, pool, digits, targets, size, k, digit_size, grid)
-    img = _background(rng, size, size)
-    k = 0 if rng.random() < empty_prob else int(rng.integers(num_digits[0], num_digits[1] + 1))
+        return _render_grid(
+            rng, pool, digits, targets, size, _digit_count(rng, num_digits, empty_prob), digit_size, grid
+        )
+    img = _background(rng, size, size)  # (drawn before the count: the free layout's random stream as before)
+    k = _digit_count(rng, num_digits, empty_prob)
     boxes: list[tuple[int, int, int, int]] = []
     objects = []
     for _ in range(k):
