@@ -48,20 +48,25 @@ def build_net(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _strip_net(key: str) -> str:
-    """``net.<k>`` / ``ema.module.<k>`` -> ``<k>`` (the net's own parameter name)."""
+def _strip_net(key: str) -> str | None:
+    """``net.<k>`` / ``ema.module.<k>`` -> ``<k>`` (the net's own parameter name); None for other keys."""
     for prefix in ("net.", "ema.module."):
         if key.startswith(prefix):
             return key[len(prefix) :]
-    return key
+    return None
+
+
+def _probe_net(name: str, net_kwargs: Mapping[str, Any]) -> nn.Module:
+    """Model `name` built on the meta device (no memory, no weights loaded) to inspect its structure."""
+    probe_kwargs = {k: v for k, v in net_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
+    with torch.device("meta"):
+        return build_net(name, **probe_kwargs)
 
 
 def _has_stage_heads(name: str, net_kwargs: dict[str, Any]) -> bool:
     """Whether model `name` has per-stage heads for deep supervision (`forward_stage_logits` and the `aux_heads`
-    keyword, e.g. CEDNet), probed on the meta device (no memory, no weights loaded)."""
-    probe_kwargs = {k: v for k, v in net_kwargs.items() if k not in ("pretrained", "pretrained_cfg_overlay")}
-    with torch.device("meta"):
-        probe = build_net(name, **probe_kwargs)
+    keyword, e.g. CEDNet), probed on the meta device."""
+    probe = _probe_net(name, net_kwargs)
     return callable(getattr(probe, "forward_stage_logits", None)) and hasattr(probe, "aux_heads")
 
 
@@ -423,15 +428,15 @@ class ClassificationModule(L.LightningModule):
         # a module built without the training-only stage heads (deep_supervision=false) ignores them
         own = set(self.state_dict())
         aux = self._aux_head_keys() if any(k not in own for k in state) else set()
-        dropped = [k for k in state if k.split(".", 1)[0] in ("net", "ema") and _strip_net(k) in aux]
+        dropped = {k for k in state if _strip_net(k) in aux}
         if dropped:
             log.info(
                 "the checkpoint carries %d tensors of the training-only stage heads (e.g. %s); this module was "
                 "built without them (deep_supervision=false), so they are not loaded",
                 len(dropped),
-                dropped[0],
+                min(dropped),
             )
-            state = {k: v for k, v in state.items() if k not in set(dropped)}
+            state = {k: v for k, v in state.items() if k not in dropped}
         if state is not checkpoint.get("state_dict"):
             checkpoint["state_dict"] = state
 
@@ -440,13 +445,8 @@ class ClassificationModule(L.LightningModule):
         from a meta-device probe with ``aux_heads=True`` (empty for nets without such heads)."""
         if getattr(self.net, "aux_heads", True):
             return set()
-        net_kwargs = {
-            k: v for k, v in self.hparams["net"].items() if k not in ("pretrained", "pretrained_cfg_overlay")
-        }
-        name = net_kwargs.pop("name")
-        net_kwargs["aux_heads"] = True
-        with torch.device("meta"):
-            probe = build_net(name, **net_kwargs)
+        net_kwargs = dict(self.hparams["net"])
+        probe = _probe_net(net_kwargs.pop("name"), {**net_kwargs, "aux_heads": True})
         return set(probe.state_dict()) - set(self.net.state_dict())
 
     def on_train_start(self) -> None:
